@@ -1,0 +1,1 @@
+"""The `voicebus` command line."""

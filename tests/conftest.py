@@ -1,0 +1,50 @@
+"""Shared fixtures: a real bus on free ports, bus clients that always close."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from voicebus.engine.bus import Bus, Endpoints, free_port_pair
+from voicebus.engine.client import BusClient
+from voicebus.engine.messages import Envelope
+from voicebus.engine.security import Security
+
+import voicebus.workers.kinds  # noqa: F401  (registers the voice kinds)
+
+
+@pytest.fixture
+def bus() -> Iterator[Bus]:
+    with Bus(Endpoints("127.0.0.1", free_port_pair()), Security()) as running:
+        yield running
+
+
+@pytest.fixture
+def make_client(bus: Bus) -> Iterator[Callable[..., BusClient]]:
+    clients: list[BusClient] = []
+
+    def make(name: str = "test", *, subscribe: tuple[str, ...] = (), ready: bool = True) -> BusClient:
+        client = BusClient(bus.endpoints, name=name)
+        clients.append(client)
+        client.subscribe(*subscribe)
+        if ready:
+            client.announce()
+        return client
+
+    yield make
+    for client in clients:
+        client.close()
+
+
+def wait_for(
+    client: BusClient, predicate: Callable[[Envelope], bool], *, timeout: float = 10.0
+) -> Envelope:
+    """The first message matching ``predicate``; fails the test after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while (remaining := deadline - time.monotonic()) > 0:
+        env = client.recv(timeout=remaining)
+        if env is not None and predicate(env):
+            return env
+    pytest.fail(f"no matching message within {timeout} s")

@@ -1,0 +1,1 @@
+"""The three voice actors (listener, thinker, speaker) and their backends."""

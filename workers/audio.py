@@ -1,0 +1,125 @@
+"""Audio in and out: the internal PCM format, sources, sinks and their factories.
+
+The internal format is 16 kHz, mono, little-endian int16 PCM in 20 ms frames
+of 640 bytes (``RATE``, ``FRAME_MS``, ``FRAME_BYTES``). Sources yield those
+frames; sinks take mono int16 at their own ``rate`` (a TTS voice's rate is
+converted with ``Resampler`` when it differs).
+
+This module is the one to import; the work is split by job:
+
+    audio_pcm       format constants, Resampler, frame chunking, real-time pacing
+    audio_wavfile   WAV parsing and writing (no dependency beyond numpy)
+    audio_device    finding a sounddevice/PortAudio device, with one-line errors
+    audio_sources   WavSource, MicSource, read_wav
+    audio_sinks     WavSink, DeviceSink, NullSink
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from types import TracebackType
+from typing import Protocol
+
+from voicebus.engine.errors import ConfigError
+
+from .audio_pcm import FRAME_BYTES, FRAME_MS, FRAME_SAMPLES, RATE, SAMPLE_WIDTH, Resampler
+from .audio_sinks import DeviceSink, NullSink, WavSink
+from .audio_sources import MicSource, WavSource, read_wav
+from .audio_wavfile import write_wav
+
+__all__ = [
+    "FRAME_BYTES",
+    "FRAME_MS",
+    "FRAME_SAMPLES",
+    "RATE",
+    "SAMPLE_WIDTH",
+    "AudioSink",
+    "AudioSource",
+    "DeviceSink",
+    "MicSource",
+    "NullSink",
+    "Resampler",
+    "WavSink",
+    "WavSource",
+    "open_sink",
+    "open_source",
+    "read_wav",
+    "write_wav",
+]
+
+
+class AudioSource(Protocol):
+    """Anything that yields internal-format frames and can be closed."""
+
+    def __iter__(self) -> Iterator[bytes]: ...
+
+    def close(self) -> None: ...
+
+    def __enter__(self) -> AudioSource: ...
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None: ...
+
+
+class AudioSink(Protocol):
+    """Anything that takes mono int16 PCM at ``rate`` and can be closed."""
+
+    rate: int
+
+    def write(self, pcm: bytes) -> None: ...
+
+    def close(self) -> None: ...
+
+    def __enter__(self) -> AudioSink: ...
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None: ...
+
+
+SOURCE_FORMS = "'mic', 'mic:DEVICE', 'none' or a path to a .wav file"
+SINK_FORMS = "'speaker', 'speaker:DEVICE', 'none' or a path to a .wav file"
+
+
+def _device_spec(spec: str, word: str) -> tuple[bool, str | None]:
+    """Whether ``spec`` names a device ('word' or 'word:DEVICE'), and which."""
+    head, sep, device = spec.partition(":")
+    if head.lower() != word:
+        return False, None
+    return True, (device.strip() or None) if sep else None
+
+
+def open_source(spec: str, *, realtime: bool) -> AudioSource | None:
+    """Open the audio input named by ``spec`` (see ``SOURCE_FORMS``); None for 'none'.
+
+    ``realtime`` paces a file like a microphone. Raises ConfigError for a spec
+    of none of the accepted forms, AudioError for a file or device that fails.
+    """
+    spec = spec.strip()
+    if spec.lower() == "none":
+        return None
+    is_mic, device = _device_spec(spec, "mic")
+    if is_mic:
+        return MicSource(device)
+    if spec.lower().endswith(".wav"):
+        return WavSource(spec, realtime=realtime)
+    raise ConfigError(f"unknown audio input {spec!r}; use {SOURCE_FORMS}")
+
+
+def open_sink(spec: str, rate: int, *, realtime: bool) -> AudioSink:
+    """Open the audio output named by ``spec`` (see ``SINK_FORMS``) for PCM at ``rate``.
+
+    'none' discards (paced when ``realtime``); a .wav path collects every reply
+    of the run in one file. Raises ConfigError for an unknown spec, AudioError
+    for a file or device that fails.
+    """
+    spec = spec.strip()
+    if spec.lower() == "none":
+        return NullSink(rate, realtime=realtime)
+    is_speaker, device = _device_spec(spec, "speaker")
+    if is_speaker:
+        return DeviceSink(rate, device)
+    if spec.lower().endswith(".wav"):
+        return WavSink(spec, rate, realtime=realtime)
+    raise ConfigError(f"unknown audio output {spec!r}; use {SINK_FORMS}")

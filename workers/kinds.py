@@ -1,0 +1,142 @@
+"""The voice message kinds: what listener, thinker and speaker say on the bus.
+
+The turn a message belongs to travels in the envelope (``env.turn``), not in
+the body. Timings are wall-clock seconds since the epoch (``time.time()``),
+comparable across processes on one host.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from voicebus.engine.messages import Body
+
+
+@dataclass(frozen=True, kw_only=True)
+class Ask(Body, kind="ctl.ask"):
+    """A user utterance given as text (from the CLI or any client)."""
+
+    text: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class Say(Body, kind="ctl.say"):
+    """Speak this text as its own turn."""
+
+    text: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class AudioIn(Body, kind="audio.in"):
+    """One frame of microphone audio, raw little-endian PCM."""
+
+    pcm: bytes
+    rate: int
+    width: int = 2
+    """bytes per sample"""
+    channels: int = 1
+
+
+@dataclass(frozen=True, kw_only=True)
+class AudioEnd(Body, kind="audio.end"):
+    """The listener's input ended (a WAV file ran out); ``last_turn`` is its final turn (0 if none)."""
+
+    last_turn: int
+    reason: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class VadStart(Body, kind="vad.start"):
+    offset_ms: int
+    """where speech began, in the input stream's own time"""
+
+
+@dataclass(frozen=True, kw_only=True)
+class VadEnd(Body, kind="vad.end"):
+    offset_ms: int
+    """where speech ended (silence began), in the input stream's own time"""
+    speech_ms: int
+    speech_end_ts: float
+    """wall-clock time at which the speech ended (before the silence window)"""
+
+
+@dataclass(frozen=True, kw_only=True)
+class AsrPartial(Body, kind="asr.partial"):
+    text: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class AsrFinal(Body, kind="asr.final"):
+    text: str
+    confidence: float | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+    """speech_end, final (epoch seconds), asr_s (speech end → final)"""
+
+
+@dataclass(frozen=True, kw_only=True)
+class AsrNoMatch(Body, kind="asr.nomatch"):
+    reason: str
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, kw_only=True)
+class LlmToken(Body, kind="llm.token"):
+    text: str
+    index: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class LlmSentence(Body, kind="llm.sentence"):
+    text: str
+    """what the voice should read (already made speakable)"""
+    index: int
+    """0-based position in the turn's answer"""
+
+
+@dataclass(frozen=True, kw_only=True)
+class LlmDone(Body, kind="llm.done"):
+    finish_reason: str
+    sentences: int
+    """how many llm.sentence messages the turn has"""
+    text: str = ""
+    timings: dict[str, float] = field(default_factory=dict)
+    """request, first_token, first_sentence, done (epoch s); ttft_s, tokens_per_s"""
+
+
+@dataclass(frozen=True, kw_only=True)
+class LlmError(Body, kind="llm.error"):
+    code: str
+    message: str
+    transient: bool = False
+
+
+@dataclass(frozen=True, kw_only=True)
+class PlayStart(Body, kind="play.start"):
+    index: int
+    text: str = ""
+
+
+@dataclass(frozen=True, kw_only=True)
+class PlayDone(Body, kind="play.done"):
+    index: int
+    spoken_ms: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class PlayStopped(Body, kind="play.stopped"):
+    index: int
+    """the sentence that was cut (or the next one due, if between sentences)"""
+    reason: str
+    spoken_ms: int
+    """how much of that sentence was played"""
+    total_ms: int
+    """its full length (0 if not synthesized yet)"""
+
+
+@dataclass(frozen=True, kw_only=True)
+class TurnMetrics(Body, kind="metrics.turn"):
+    """Stage timestamps (epoch s) and latencies (s) of a finished turn."""
+
+    timings: dict[str, float]
+    outcome: str = "done"
+    """done | interrupted | error"""

@@ -1,0 +1,1 @@
+"""Chat model backends behind one small interface (see base.py)."""

