@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Generator
+from collections.abc import Generator, Iterator
 from pathlib import Path
 
 import pytest
@@ -19,7 +19,7 @@ STORY = [{"role": "user", "content": "Write a long story about a dragon who lear
 
 
 @pytest.fixture(scope="session")
-def chat() -> LocalChat:
+def chat() -> Iterator[LocalChat]:
     backend = LocalChat(seed=1)
     yield backend
     backend.close()
@@ -92,6 +92,14 @@ def test_abandoned_stream_does_not_disturb_the_next(chat: LocalChat) -> None:
     after, finish = drain(chat.stream(QUESTION, max_tokens=32, cancel=threading.Event()))
     assert finish in ("stop", "length")
     assert "".join(after) == "".join(clean)
+
+
+def test_new_stream_supersedes_an_unfinished_one(chat: LocalChat) -> None:
+    old = chat.stream(STORY, max_tokens=100, cancel=threading.Event())
+    next(old)
+    pieces, finish = drain(chat.stream(QUESTION, max_tokens=16, cancel=threading.Event()))
+    assert pieces and finish in ("stop", "length")
+    assert drain(old) == ([], "cancelled")
 
 
 def test_same_seed_gives_the_same_answer(chat: LocalChat) -> None:

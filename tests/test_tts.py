@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from collections.abc import Iterator
 import time
 from pathlib import Path
 
@@ -17,7 +18,7 @@ TEN_WORDS = "The quick brown fox jumps over the lazy sleeping dog."
 
 
 @pytest.fixture(scope="session")
-def piper() -> PiperSynthesizer:
+def piper() -> Iterator[PiperSynthesizer]:
     synth = PiperSynthesizer()
     yield synth
     synth.close()
@@ -98,6 +99,14 @@ def test_corrupt_voice_is_a_model_error_naming_the_file(tmp_path: Path) -> None:
     onnx.write_bytes(b"this is not an onnx model" * 100)
     shutil.copyfile(real.with_name(real.name + ".json"), tmp_path / "broken.onnx.json")
     with pytest.raises(ModelError, match="broken.onnx"):
+        PiperSynthesizer(onnx)
+
+
+def test_corrupt_voice_config_is_a_model_error_naming_the_file(tmp_path: Path) -> None:
+    onnx = tmp_path / "confused.onnx"
+    shutil.copyfile(find_default_voice(), onnx)
+    (tmp_path / "confused.onnx.json").write_text("{ not json")
+    with pytest.raises(ModelError, match="confused.onnx"):
         PiperSynthesizer(onnx)
 
 

@@ -7,6 +7,7 @@ Every failure here becomes an AudioError saying what is wrong and what to do.
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Literal
@@ -22,12 +23,11 @@ _NO_PORTAUDIO = "PortAudio library not found; install libportaudio2 (apt-get ins
 def import_sounddevice() -> ModuleType:
     """Import sounddevice, turning a missing library or package into AudioError."""
     try:
-        import sounddevice
+        return importlib.import_module("sounddevice")
     except OSError:  # the Python package is there but libportaudio is not
         raise AudioError(_NO_PORTAUDIO) from None
     except ImportError:
         raise AudioError("the 'sounddevice' package is not installed; pip install sounddevice") from None
-    return sounddevice
 
 
 @dataclass(frozen=True)

@@ -32,8 +32,8 @@ def float_to_int16(samples: np.ndarray) -> bytes:
     Resampling filters ring a little above full scale on clipped material;
     clipping here keeps that from wrapping around into loud clicks.
     """
-    scaled = np.rint(np.asarray(samples, dtype=np.float32) * 32768.0)
-    return np.clip(scaled, -32768, 32767).astype("<i2").tobytes()
+    scaled: np.ndarray = np.clip(np.rint(np.asarray(samples, dtype=np.float32) * 32768.0), -32768, 32767)
+    return scaled.astype("<i2").tobytes()
 
 
 class Resampler:
@@ -66,16 +66,16 @@ class Resampler:
             raise ValueError(f"int16 PCM must have an even byte count, got {len(pcm)}")
         if self._stream is None:
             return bytes(pcm)
-        samples = np.frombuffer(pcm, dtype="<i2")
-        return self._stream.resample_chunk(samples, last=False).astype("<i2").tobytes()
+        out: np.ndarray = self._stream.resample_chunk(np.frombuffer(pcm, dtype="<i2"), last=False)
+        return out.astype("<i2").tobytes()
 
     def flush(self) -> bytes:
         """Return the tail still inside the filter and start a new stream."""
         if self._stream is None:
             return b""
-        tail = self._stream.resample_chunk(np.zeros(0, dtype="<i2"), last=True).astype("<i2").tobytes()
+        tail: np.ndarray = self._stream.resample_chunk(np.zeros(0, dtype="<i2"), last=True)
         self._stream = self._new_stream()
-        return tail
+        return tail.astype("<i2").tobytes()
 
 
 class FloatResampler:
@@ -93,7 +93,8 @@ class FloatResampler:
         """Convert a block; ``last=True`` also drains the filter."""
         if self._stream is None:
             return samples
-        return self._stream.resample_chunk(np.ascontiguousarray(samples, dtype=np.float32), last=last)
+        out: np.ndarray = self._stream.resample_chunk(np.ascontiguousarray(samples, dtype=np.float32), last=last)
+        return out
 
 
 class FrameChunker:

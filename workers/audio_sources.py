@@ -62,6 +62,7 @@ class WavSource(Closing):
         self.duration_s: float | None = self._reader.duration_s
         """Length of the file's audio in seconds."""
         self._started = False
+        self._closed = False
 
     def __iter__(self) -> Iterator[bytes]:
         if self._started:
@@ -72,12 +73,15 @@ class WavSource(Closing):
             for frame in _wav_frames(self._reader):
                 if pacer is not None:
                     pacer.wait(_FRAME_S)
+                if self._closed:
+                    return
                 yield frame
         finally:
             self._reader.close()
 
     def close(self) -> None:
-        """Close the file; a running iteration ends with the next frame."""
+        """Close the file; an iteration running in another thread ends at its next frame."""
+        self._closed = True
         self._reader.close()
 
 

@@ -25,9 +25,10 @@ newline; this cutter refines the Latin marks):
   (``Dr. Smith``), after ``e.g.``/``i.e.``/``vs.``, after a list number at the
   start of a line (``1. Mix``), after ``No.``/``Fig.``/``p.`` before a digit, or
   after a name initial (``J. R. R. Tolkien``; an initial is a capital letter whose
-  previous word is capitalized, absent, or introduces a name like "by"). Place
-  abbreviations (``U.S.``, ``U.K.``) end before a capital, since "in the U.S. The"
-  is likelier from a model than "the U.S. Army".
+  previous word is capitalized, absent, or introduces a name like "by", and is
+  not a label such as "Plan" or "Option"). Place abbreviations (``U.S.``,
+  ``U.K.``) end before a capital, since "in the U.S. The" is likelier from a
+  model than "the U.S. Army".
 - Ellipses: ``Well... I think so.`` is two sentences ("Well..." is spoken with
   its trailing pause and the speaker starts sooner); ``Well... maybe not.`` is
   one, the lowercase word showing the thought goes on.
@@ -40,8 +41,11 @@ from __future__ import annotations
 
 import re
 import unicodedata
+from typing import Literal
 
 __all__ = ["SentenceCutter", "speakable"]
+
+_Verdict = Literal["end", "go", "wait"]
 
 _CJK_MARKS = frozenset("。！？；｡")
 _END_MARKS = frozenset(".!?;…") | _CJK_MARKS
@@ -64,6 +68,11 @@ _PLACES = frozenset(["U.S", "U.K", "U.N", "E.U", "D.C", "U.S.A", "U.A.E"])
 _NAME_INTRO = frozenset(
     "by author writer novelist poet president named called actor actress director "
     "singer composer painter scientist physicist".split()
+)
+# Words that label a letter ("Plan B.", "Option C."): the letter is no initial.
+_LETTER_LABELS = frozenset(
+    "plan option answer choice grade type group class part section appendix exhibit "
+    "vitamin model row column step phase level".split()
 )
 
 
@@ -123,7 +132,7 @@ class SentenceCutter:
         self._pos = i - start
         return out
 
-    def _judge(self, buf: str, start: int, mark: int) -> tuple[str, int]:
+    def _judge(self, buf: str, start: int, mark: int) -> tuple[_Verdict, int]:
         """Decide the mark run at ``mark``: ("end"|"go"|"wait", index after it)."""
         n = len(buf)
         j = mark
@@ -142,7 +151,7 @@ class SentenceCutter:
         m = k
         while m < n and buf[m].isspace() and buf[m] not in _NEWLINES:
             m += 1
-        if m < n and buf[m] in _NEWLINES or ";" in run:
+        if (m < n and buf[m] in _NEWLINES) or ";" in run:
             return "end", k
         if m == n:
             return "wait", k
@@ -176,10 +185,12 @@ def _period_goes_on(before: str, first: str) -> bool:
         return True
     if first.isdigit() and low in _BEFORE_NUMBER:
         return True
+    prev = words[-2].lstrip(_OPENERS) if len(words) > 1 else ""
+    if low == "al" and prev.lower() == "et":
+        return True  # "Smith et al. (2020)"
     if first.isupper() and _INITIALS.fullmatch(token) and token not in _PLACES:
-        if len(words) == 1:
-            return True
-        prev = words[-2].lstrip(_OPENERS)
+        if prev.lower() in _LETTER_LABELS:
+            return False
         return not prev or prev[0].isupper() or prev.lower() in _NAME_INTRO
     return False
 

@@ -1,0 +1,92 @@
+"""What every command shares: settings from file/env/flags, bus options, the error boundary."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import click
+
+from voicebus.engine import __version__
+from voicebus.engine.bus import Endpoints
+from voicebus.engine.client import BusClient
+from voicebus.engine.errors import VoicebusError
+from voicebus.engine.security import Security
+from voicebus.engine.settings import expand, load
+from voicebus.workers.config import Settings
+
+
+class VoicebusGroup(click.Group):
+    """The one error boundary: a VoicebusError becomes ``Name: message`` and exit code 1."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except VoicebusError as exc:
+            click.echo(f"{type(exc).__name__}: {exc}", err=True)
+            ctx.exit(1)
+        except ConnectionError as exc:
+            click.echo(f"ConnectionError: {exc}", err=True)
+            ctx.exit(1)
+
+
+@dataclass(frozen=True)
+class SettingsSource:
+    """Where a command's settings come from; ``load`` adds the command's own flags on top."""
+
+    config_file: Path | None
+    flags: dict[str, Any]
+
+    def load(self, **overrides: Any) -> Settings:
+        """``overrides`` are keyed like "asr__backend" (section__field); None means not given."""
+        merged = dict(self.flags)
+        merged.update({key.replace("__", "."): value for key, value in overrides.items()})
+        return load(Settings, config_file=self.config_file, overrides=merged)
+
+
+def bus_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """--bus, --insecure, --keys and --config, passed to the command as ``source``."""
+
+    @click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path),
+                  help="TOML settings file (also VOICEBUS_CONFIG).")
+    @click.option("--bus", "bus_url", metavar="tcp://HOST:PORT",
+                  help="The bus (publish port; subscribe is PORT+1). Default tcp://127.0.0.1:7700 or VOICEBUS_BUS_URL.")
+    @click.option("--insecure", is_flag=True, default=None,
+                  help="Allow a bus reachable from the network without CurveZMQ keys (anyone can listen and inject).")
+    @click.option("--keys", "keys_dir", type=click.Path(file_okay=False, path_type=Path),
+                  help="CurveZMQ keys folder (default ~/.config/voicebus/keys).")
+    @functools.wraps(fn)
+    def wrapper(*args: Any, config_file: Path | None, bus_url: str | None, insecure: bool | None,
+                keys_dir: Path | None, **kwargs: Any) -> Any:
+        flags = {"bus.url": bus_url, "bus.security": "insecure" if insecure else None, "bus.keys_dir": keys_dir}
+        kwargs["source"] = SettingsSource(config_file, flags)
+        return fn(*args, **kwargs)
+
+    return wrapper
+
+
+def endpoints(settings: Settings) -> Endpoints:
+    return Endpoints.parse(settings.bus.url)
+
+
+def security(settings: Settings) -> Security:
+    ep = endpoints(settings)
+    return Security.resolve(loopback=ep.is_loopback, keys_dir=expand(settings.bus.keys_dir), mode=settings.bus.security)
+
+
+def make_client(settings: Settings, name: str) -> BusClient:
+    import voicebus.workers.kinds  # noqa: F401  (typed bodies for the voice kinds)
+
+    return BusClient(
+        endpoints(settings), security(settings), name=name, session=settings.state.session,
+        max_bytes=settings.bus.max_message_bytes, version=__version__,
+    )
+
+
+def fail(message: str) -> None:
+    click.echo(message, err=True)
+    sys.exit(1)

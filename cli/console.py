@@ -1,0 +1,89 @@
+"""What ``voicebus up`` shows: the conversation on stdout, a live status line and logs on stderr."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from typing import TextIO
+
+import click
+
+from voicebus.engine.messages import Envelope, Error
+from voicebus.engine.supervisor import ChildStatus
+from voicebus.workers.kinds import Ask, AsrFinal, LlmError, PlayStart, TurnMetrics
+
+STATE_MARKS = {"ready": "●", "loading": "◐", "starting": "○", "restarting": "↻", "stopped": "■", "gave up": "✗"}
+WATCH = ("asr.final", "ctl.ask", "play.start", "metrics.turn", "llm.error", "sys.error")
+
+
+def latency_line(timings: dict[str, float]) -> str:
+    """speech end → first audio, with the ASR / first sentence / first audio parts."""
+    def ms(key: str) -> str:
+        value = timings.get(key)
+        return "–" if value is None else f"{value * 1000:.0f} ms"
+
+    head = f"speech end → first audio {ms('total_s')}" if "total_s" in timings else f"request → first audio {ms('request_to_audio_s')}"
+    return f"  [{head}: ASR {ms('asr_s')} · first sentence {ms('first_sentence_s')} · first audio {ms('first_audio_s')}]"
+
+
+class ConsoleView:
+    def __init__(self, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> None:
+        self.out = out
+        self.err = err
+        self.live = err.isatty()
+        self._status = ""
+        self._shown_status = ""
+
+    # --- supervisor.View --------------------------------------------------------------------
+
+    def child_line(self, name: str, line: str) -> None:
+        self._print(f"[{name}] {line}", err=True)
+
+    def event(self, text: str) -> None:
+        self._print(click.style(f"supervisor: {text}", fg="yellow"), err=True)
+
+    def status(self, rows: list[ChildStatus]) -> None:
+        parts = []
+        for row in rows:
+            restarts = f" ↻{row.restarts}" if row.restarts else ""
+            pid = f" {row.pid}" if row.pid else ""
+            parts.append(f"{STATE_MARKS.get(row.state, '?')} {row.name}{pid} {row.state}{restarts}")
+        self._status = " │ ".join(parts)
+        if self.live:
+            self._draw_status()
+        elif self._status != self._shown_status:
+            # Not a terminal: a line per change, so logs stay readable.
+            self._shown_status = self._status
+            print(self._status, file=self.err, flush=True)
+
+    def message(self, env: Envelope) -> None:
+        body = env.body
+        if isinstance(body, (AsrFinal, Ask)):
+            self._print(f"You: {body.text}")
+        elif isinstance(body, PlayStart) and body.text:
+            self._print(f"Assistant: {body.text}")
+        elif isinstance(body, TurnMetrics):
+            self._print(latency_line(body.timings))
+        elif isinstance(body, LlmError):
+            self._print(click.style(f"  [answer failed: {body.code}: {body.message}]", fg="red"))
+        elif isinstance(body, Error):
+            self._print(click.style(f"{env.src}: {body.where}: {body.message}", fg="red"), err=True)
+
+    # --- drawing ----------------------------------------------------------------------------
+
+    def _print(self, text: str, *, err: bool = False) -> None:
+        if self.live:
+            self.err.write("\r\x1b[2K")
+        print(text, file=self.err if err else self.out, flush=True)
+        if self.live:
+            self._draw_status()
+
+    def _draw_status(self) -> None:
+        width = shutil.get_terminal_size((100, 20)).columns
+        self.err.write("\r\x1b[2K" + self._status[: width - 1])
+        self.err.flush()
+
+    def close(self) -> None:
+        if self.live:
+            self.err.write("\n")
+            self.err.flush()

@@ -1,0 +1,26 @@
+"""``voicebus doctor``: is everything the configured backends need present?"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from voicebus.cli.common import SettingsSource, bus_options
+from voicebus.workers.doctor import run_checks
+
+
+@click.command()
+@click.option("--asr", metavar="NAME", help="Check this speech recognition backend instead of the configured one.")
+@click.option("--llm", metavar="NAME", help="Check this chat backend instead of the configured one.")
+@click.option("--tts", metavar="NAME", help="Check this voice backend instead of the configured one.")
+@bus_options
+def doctor(asr: str | None, llm: str | None, tts: str | None, source: SettingsSource) -> None:
+    """For each configured backend: package installed, settings present, model found, service answering."""
+    settings = source.load(asr__backend=asr, llm__backend=llm, tts__backend=tts)
+    failed = False
+    for check in run_checks(settings):
+        mark = click.style("ok  ", fg="green") if check.ok else click.style("FAIL", fg="red")
+        click.echo(f"{mark} {check.stage:<5} {check.what:<10} {check.detail}")
+        failed |= not check.ok
+    sys.exit(1 if failed else 0)

