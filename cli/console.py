@@ -33,6 +33,7 @@ class ConsoleView:
         self.live = err.isatty()
         self._status = ""
         self._shown_status = ""
+        self._heard: set[int] = set()
 
     # --- supervisor.View --------------------------------------------------------------------
 
@@ -59,7 +60,9 @@ class ConsoleView:
     def message(self, env: Envelope) -> None:
         body = env.body
         if isinstance(body, (AsrFinal, Ask)):
-            self._print(f"You: {body.text}")
+            if env.turn not in self._heard:  # senders repeat an utterance until it is accepted
+                self._heard.add(env.turn)
+                self._print(f"You: {body.text}")
         elif isinstance(body, PlayStart) and body.text:
             self._print(f"Assistant: {body.text}")
         elif isinstance(body, TurnMetrics):

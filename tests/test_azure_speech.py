@@ -10,6 +10,9 @@ trace log, the same lines Microsoft support asks for.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+import textwrap
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -270,3 +273,32 @@ def test_synthesize_after_close_is_a_programming_error() -> None:
     synth.close()
     with pytest.raises(RuntimeError, match="closed"):
         next(synth.synthesize("Hello."))
+
+
+def test_objects_left_open_do_not_abort_the_interpreter_at_exit() -> None:
+    # Without the finalizers the SDK's native threads abort the process at exit
+    # ("FATAL: exception not rethrown", exit 134) in most runs; the riskiest
+    # state is a failed recognition session that nobody ended or closed.
+    script = textwrap.dedent(f"""
+        import threading, time
+        from voicebus.engine.errors import BackendError
+        from voicebus.workers.asr.azure import AzureRecognizer
+        from voicebus.workers.tts.azure import AzureSynthesizer
+        synth = AzureSynthesizer(**{FAKE!r})
+        try:
+            list(synth.synthesize("Hello."))
+        except BackendError:
+            pass
+        rec = AzureRecognizer(**{FAKE!r})
+        rec.begin()
+        deadline = time.monotonic() + 10
+        try:
+            while time.monotonic() < deadline:
+                rec.feed(bytes(640))
+                threading.Event().wait(0.02)
+        except BackendError:
+            print("leaving", flush=True)
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.stdout == "leaving\n"
+    assert done.returncode == 0, done.stderr[-2000:]

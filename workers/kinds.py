@@ -80,6 +80,14 @@ class AsrNoMatch(Body, kind="asr.nomatch"):
 
 
 @dataclass(frozen=True, kw_only=True)
+class LlmAccepted(Body, kind="llm.accepted"):
+    """The thinker has the utterance and will answer it (stops the sender's redelivery)."""
+
+    queued: int = 0
+    """answers waiting before this one"""
+
+
+@dataclass(frozen=True, kw_only=True)
 class LlmToken(Body, kind="llm.token"):
     text: str
     index: int

@@ -1,8 +1,8 @@
 """At-least-once delivery of user utterances over PUB/SUB.
 
 PUB/SUB keeps nothing for a subscriber that is down, so a sender repeats an
-utterance (same turn id) until the thinker acknowledges it by answering —
-any ``llm.*`` message of that turn. The thinker answers each turn once, so
+utterance (same turn id) until the thinker acknowledges it — ``llm.accepted``,
+or any answer message of that turn. The thinker answers each turn once, so
 repeats are harmless; an utterance said while the thinker restarts is
 answered when it is back.
 """
@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from voicebus.engine.messages import Body
 
-ACK_KINDS = ("llm.token", "llm.sentence", "llm.done", "llm.error")
+ACK_KINDS = ("llm.accepted", "llm.token", "llm.sentence", "llm.done", "llm.error")
 
 
 @dataclass

@@ -21,7 +21,7 @@ from voicebus.engine.errors import BackendError
 from voicebus.engine.messages import Envelope, Shutdown
 from voicebus.workers import backends
 from voicebus.workers.config import Settings
-from voicebus.workers.kinds import LlmDone, LlmError, LlmSentence, LlmToken, PlayStopped
+from voicebus.workers.kinds import LlmAccepted, LlmDone, LlmError, LlmSentence, LlmToken, PlayStopped
 from voicebus.workers.memory import Conversation
 from voicebus.workers.sentences import SentenceCutter, speakable
 
@@ -80,6 +80,9 @@ class Thinker(Actor):
             self.settings.state.session,
             self.settings.llm.system_prompt,
         )
+        warm_up = getattr(self.chat, "warm_up", None)
+        if warm_up is not None:  # only local models have one: a remote warm-up would cost a request
+            warm_up(self._prompt())
         self._thread = threading.Thread(target=self._generate_loop, name="thinker-generate", daemon=True)
         self._thread.start()
 
@@ -88,7 +91,11 @@ class Thinker(Actor):
     @handles("asr.final", "ctl.ask")
     def on_utterance(self, env: Envelope) -> None:
         text = env.body.text.strip()  # type: ignore[union-attr]
-        if not text or self._known(env.turn):
+        if not text:
+            return
+        if self._known(env.turn):
+            # A repeat: the sender missed our acceptance, so say it again.
+            self.bus.publish(LlmAccepted(), turn=env.turn)
             return
         if normalize(text) in self._stop_phrases:
             self.bus.publish(LlmDone(finish_reason="stop_phrase", sentences=0), turn=env.turn)
@@ -100,6 +107,7 @@ class Thinker(Actor):
                 self._current.cancel.set()
             self._queued.add(env.turn)
         self._jobs.put(Job(env.turn, text, env.session, time.time()))
+        self.bus.publish(LlmAccepted(queued=self._jobs.qsize() - 1), turn=env.turn)
 
     @handles("ctl.interrupt")
     def on_interrupt(self, env: Envelope) -> None:
@@ -160,8 +168,7 @@ class Thinker(Actor):
             self._answers[job.turn] = answer
             for old in sorted(self._answers)[:-TURNS_REMEMBERED]:
                 del self._answers[old]
-        budget = max(256, self.chat.context_tokens - llm.max_tokens)
-        messages = self.memory.messages(budget, self.chat.count_tokens, per_message=4)
+        messages = self._prompt()
         timings: dict[str, float] = {"request": job.received}
         cutter = SentenceCutter()
         tokens = 0
@@ -213,6 +220,12 @@ class Thinker(Actor):
         with self._lock:
             answer.finished = True
             self._remember_answer(job.turn, answer)
+
+    def _prompt(self) -> list[dict[str, str]]:
+        """System prompt and as much recent history as fits beside the answer."""
+        assert self.memory is not None and self.chat is not None
+        budget = max(256, self.chat.context_tokens - self.settings.llm.max_tokens)
+        return self.memory.messages(budget, self.chat.count_tokens, per_message=4)
 
     def _remember_answer(self, turn: int, answer: Answer) -> None:
         """Store the heard part of the answer (called with the lock held)."""

@@ -183,12 +183,14 @@ class _Utterance:
         if self._released:
             return
         self._released = True
-        self.close_stream()
+        # Order matters with SDK 1.53 (measured): stopping a running session takes
+        # ~0.5 s, but ~10 s once its stream is closed (it waits for a final result
+        # that will not come), so stop first. A session that is already over
+        # needs no stop, and one after a stream closed before a connection
+        # failure would cost 1 s there plus 10 s in the release below.
         if not self.done.is_set():
             self.recognizer.stop_continuous_recognition_async().get()
-        # else the session is over and stopping is not needed — and it hurts: after a
-        # stream closed before a connection failure, stop() takes 1 s and the
-        # recognizer's release then 10 s more (SDK 1.53); without stop(), 1 s.
+        self.close_stream()
         for signal in (
             self.recognizer.recognizing,
             self.recognizer.recognized,

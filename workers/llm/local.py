@@ -149,6 +149,15 @@ class LocalChat:
             chunks.close()  # type: ignore[union-attr]
         return finish
 
+    def warm_up(self, messages: list[Message]) -> None:
+        """Evaluate ``messages`` once, so the first real answer reuses their cached prefix.
+
+        llama.cpp keeps the evaluated tokens and skips the longest common prefix
+        on the next completion; the system prompt and history are that prefix.
+        """
+        for _ in self.stream(messages, max_tokens=1, cancel=threading.Event()):
+            pass
+
     def close(self) -> None:
         """Free the model and its context now rather than at garbage collection."""
         if self._llm is not None:

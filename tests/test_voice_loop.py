@@ -1,0 +1,232 @@
+"""The voice loop end to end: real processes, real models, WAV files in and out."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+
+from voicebus.engine.bus import Endpoints, free_port_pair
+from voicebus.engine.client import BusClient
+from voicebus.workers.audio import read_wav, write_wav
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def words(text: str) -> set[str]:
+    return {w.strip(".,!?;:'\"").lower() for w in text.split() if w.strip(".,!?;:'\"")}
+
+
+def overlap(expected: str, got: str) -> float:
+    want = words(expected)
+    return len(want & words(got)) / max(1, len(want))
+
+
+@pytest.fixture(scope="session")
+def voice():
+    from voicebus.workers.tts.piper import PiperSynthesizer
+
+    synth = PiperSynthesizer()
+    yield synth
+    synth.close()
+
+
+@pytest.fixture(scope="session")
+def recognizer(tmp_path_factory):
+    """Whisper checks the replies: more accurate than the listener's own pocketsphinx."""
+    from voicebus.workers.asr.whisper import WhisperRecognizer
+
+    rec = WhisperRecognizer(cache_dir=tmp_path_factory.mktemp("models"))
+    yield rec
+    rec.close()
+
+
+def speech_wav(voice, path: Path, parts: list[str | float]) -> Path:
+    """A WAV of spoken texts and silences (floats, in seconds), in order."""
+    pcm = b""
+    for part in parts:
+        if isinstance(part, str):
+            pcm += b"".join(voice.synthesize(part))
+        else:
+            pcm += bytes(int(voice.sample_rate * part) * 2)
+    write_wav(path, pcm, voice.sample_rate)
+    return path
+
+
+def recognize(recognizer, path: Path) -> str:
+    pcm, _rate = read_wav(path)
+    recognizer.begin()
+    for start in range(0, len(pcm), 640):
+        recognizer.feed(pcm[start : start + 640].ljust(640, b"\0"))
+    return recognizer.end().text
+
+
+class Up:
+    """``voicebus up`` as a child process, always cleaned up."""
+
+    def __init__(self, tmp_path: Path, *args: str) -> None:
+        self.port = free_port_pair()
+        self.url = f"tcp://127.0.0.1:{self.port}"
+        self.env = {**os.environ, "VOICEBUS_STATE_DIR": str(tmp_path / "state")}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "voicebus.cli.main", "up", "--bus", self.url, *args],
+            env=self.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+        )
+
+    def client(self, *prefixes: str, timeout: float = 30) -> BusClient:
+        """A bus client proven connected (the bus child may still be starting)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            client = BusClient(Endpoints.parse(self.url), name="test")
+            client.subscribe(*prefixes)
+            try:
+                client.announce(timeout=1)
+                return client
+            except ConnectionError:
+                client.close()
+                assert time.monotonic() < deadline and self.proc.poll() is None, self.output()
+                
+    def ask(self, text: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "voicebus.cli.main", "ask", text, "--bus", self.url, "--timeout", str(timeout)],
+            env=self.env, capture_output=True, text=True, timeout=timeout + 10,
+        )
+
+    def wait(self, timeout: float) -> tuple[int, str, str]:
+        out, err = self.proc.communicate(timeout=timeout)
+        return self.proc.returncode, out, err
+
+    def output(self) -> str:
+        if self.proc.poll() is None:
+            self.stop()
+        out, err = self.proc.communicate()
+        return f"stdout:\n{out}\nstderr:\n{err}"
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+    def children(self) -> list[psutil.Process]:
+        return psutil.Process(self.proc.pid).children(recursive=True)
+
+
+@pytest.fixture
+def start_up(tmp_path):
+    started: list[Up] = []
+
+    def start(*args: str) -> Up:
+        up = Up(tmp_path, *args)
+        started.append(up)
+        return up
+
+    yield start
+    for up in started:
+        leftover = up.children() if up.proc.poll() is None else []
+        up.stop()
+        for child in leftover:
+            if child.is_running():
+                child.kill()
+
+
+def collect(client: BusClient, until, timeout: float) -> list:
+    """Messages until ``until(messages)`` is true; fails after ``timeout``."""
+    seen = []
+    deadline = time.monotonic() + timeout
+    while not until(seen):
+        remaining = deadline - time.monotonic()
+        assert remaining > 0, f"timed out; saw {[(e.kind, e.turn) for e in seen]}"
+        env = client.recv(timeout=min(remaining, 0.5))
+        if env is not None:
+            seen.append(env)
+    return seen
+
+
+def test_files_in_files_out(tmp_path, start_up, voice, recognizer):
+    question = speech_wav(voice, tmp_path / "question.wav", [0.5, "What is the capital of France?", 1.5])
+    answer = tmp_path / "answer.wav"
+    up = start_up("--input", str(question), "--output", str(answer), "--fast")
+    code, out, err = up.wait(timeout=120)
+    assert code == 0, f"{out}\n{err}"
+    heard = [line[len("You: "):] for line in out.splitlines() if line.startswith("You: ")]
+    said = " ".join(line[len("Assistant: "):] for line in out.splitlines() if line.startswith("Assistant: "))
+    assert len(heard) == 1 and overlap("what is the capital of france", heard[0]) >= 0.8, out
+    assert said, out
+    assert "speech end → first audio" in out
+    pcm, _ = read_wav(answer)
+    samples = np.frombuffer(pcm, dtype=np.int16).astype(np.float64)
+    assert len(samples) / 16000 > 0.5, "the reply is too short to hold speech"
+    assert np.sqrt(np.mean(samples**2)) > 300, "the reply is silent"
+    assert overlap(said, recognize(recognizer, answer)) >= 0.4, (said, recognize(recognizer, answer))
+
+
+def test_missing_input_file_is_one_clear_line(tmp_path, start_up):
+    up = start_up("--input", str(tmp_path / "nope.wav"), "--output", "none")
+    code, out, err = up.wait(timeout=30)
+    assert code == 1
+    assert "nope.wav" in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1, err
+
+
+def test_barge_in_interrupts_the_reply_and_starts_a_new_turn(tmp_path, start_up, voice):
+    # The second question starts about 2.5 s after the first ends: the first reply
+    # (a story, several seconds long) is playing then.
+    question = speech_wav(
+        voice, tmp_path / "barge.wav",
+        [0.5, "Tell me a long story about a brave knight and a dragon.", 2.5, "What is two plus two?", 3.0],
+    )
+    up = start_up("--input", str(question), "--output", str(tmp_path / "answer.wav"))
+    client = up.client("play.", "metrics.turn", "asr.final", "ctl.interrupt", "llm.done")
+    try:
+        seen = collect(client, lambda s: sum(e.kind == "metrics.turn" for e in s) >= 2, timeout=90)
+    finally:
+        client.close()
+    finals = [e for e in seen if e.kind == "asr.final"]
+    first_turn = finals[0].turn
+    assert any(e.kind == "ctl.interrupt" and e.turn == first_turn for e in seen)
+    stopped = [e for e in seen if e.kind == "play.stopped" and e.turn == first_turn]
+    assert stopped, [(e.kind, e.turn) for e in seen]
+    assert len({e.turn for e in finals}) == 2
+    code, out, err = up.wait(timeout=60)
+    assert code == 0, err
+    # The history keeps only what was spoken of the interrupted answer.
+    db = sqlite3.connect(tmp_path / "state" / "conversation.sqlite")
+    rows = db.execute("SELECT turn, role, text FROM messages ORDER BY turn, role").fetchall()
+    answers = {turn: text for turn, role, text in rows if role == "assistant"}
+    done = next(e for e in seen if e.kind == "llm.done" and e.turn == first_turn)
+    assert len(answers[first_turn]) < len(done.body.text), (answers[first_turn], done.body.text)
+
+
+def test_thinker_restart_keeps_the_conversation(tmp_path, start_up):
+    up = start_up("--input", "none", "--output", "none")
+    client = up.client("sys.ready", "sup.")
+    try:
+        readies = collect(client, lambda s: {e.body.name for e in s if e.kind == "sys.ready"} >= {"thinker", "speaker"}, 60)
+        first = up.ask("My name is Alice.")
+        assert first.returncode == 0 and first.stdout.strip(), first.stderr
+        thinker_pid = next(e.body.pid for e in readies if e.kind == "sys.ready" and e.body.name == "thinker")
+        os.kill(thinker_pid, signal.SIGKILL)
+        # Asked while the thinker is down: the question waits and is answered when it is back.
+        second = up.ask("What is my name?")
+        assert second.returncode == 0 and second.stdout.strip(), second.stderr
+        restarted = collect(client, lambda s: any(e.kind == "sys.ready" and e.body.name == "thinker" for e in s), 30)
+        assert any(e.kind == "sys.ready" and e.body.pid != thinker_pid for e in restarted)
+    finally:
+        client.close()
+    up.stop()
+    db = sqlite3.connect(tmp_path / "state" / "conversation.sqlite")
+    users = [text for (text,) in db.execute("SELECT text FROM messages WHERE role='user' ORDER BY turn")]
+    assert users == ["My name is Alice.", "What is my name?"]
