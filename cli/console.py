@@ -12,7 +12,7 @@ from voicebus.engine.messages import Envelope, Error
 from voicebus.engine.supervisor import ChildStatus
 from voicebus.workers.kinds import Ask, AsrFinal, LlmError, PlayStart, TurnMetrics
 
-STATE_MARKS = {"ready": "●", "loading": "◐", "starting": "○", "restarting": "↻", "stopped": "■", "gave up": "✗"}
+STATE_MARKS = {"ready": "●", "running": "●", "loading": "◐", "starting": "○", "restarting": "↻", "stopped": "■", "gave up": "✗"}
 WATCH = ("asr.final", "ctl.ask", "play.start", "metrics.turn", "llm.error", "sys.error")
 
 

@@ -116,8 +116,6 @@ class Supervisor:
                 self._spawn(self.bus_slot)
             self.client = self._connect()
             if self.client is not None:
-                if self.bus_slot:
-                    self.bus_slot.state = "ready"
                 for slot in self.slots:
                     self._spawn(slot)
                 self._grace_until = time.monotonic()
@@ -175,7 +173,7 @@ class Supervisor:
                 slot.last_error = body.message
         elif isinstance(body, Shutdown):
             self.request_stop(body.reason)
-        if env.kind.startswith(self.watch) if self.watch else False:
+        if self.watch and env.kind.startswith(self.watch):
             self.view.message(env)
 
     def _slot_by_pid(self, pid: int) -> Slot | None:
@@ -237,7 +235,8 @@ class Supervisor:
 
     def _spawn(self, slot: Slot) -> None:
         slot.child = Child(slot.spec, self.view.child_line)
-        slot.state = "starting"
+        # The bus sends no heartbeats; our own connection (re)proves it, so it counts as running.
+        slot.state = "starting" if slot.spec.heartbeats else "running"
         slot.heard = False
         slot.last_heartbeat = 0.0
         if slot is not self.bus_slot:
