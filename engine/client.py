@@ -8,6 +8,7 @@ its error code and reported as a rate-limited ``sys.error``; it never raises.
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 import threading
@@ -27,10 +28,13 @@ from voicebus.engine.messages import (
     Hello,
     decode,
     encode,
+    new_envelope,
 )
 from voicebus.engine.security import Security
 
 ERROR_REPORT_INTERVAL_S = 1.0
+ZERO_COPY_BYTES = 64 * 1024
+"""Payloads at least this big are sent without copying (pyzmq's own copy threshold)."""
 
 
 def source_name(name: str) -> str:
@@ -105,10 +109,10 @@ class BusClient:
             if self._closed:
                 raise RuntimeError("bus client is closed")
             self._seq += 1
-            env = Envelope(
-                kind=kind, src=self.src, seq=self._seq, session=session or self.session, turn=turn, body=body
-            )
-            self._pub.send_multipart(encode(env), copy=False)
+            env = new_envelope(kind, self.src, self._seq, time.time(), session or self.session, turn, body)
+            frames = encode(env)
+            # Zero-copy only pays for big frames; for small ones its bookkeeping costs ~2 µs a message.
+            self._pub.send_multipart(frames, copy=len(frames[1]) < ZERO_COPY_BYTES)
             self.counters["sent"] += 1
         return env
 
@@ -139,27 +143,37 @@ class BusClient:
     def _recv_socket(self, timeout: float | None) -> Envelope | None:
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
-            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-            if not self._poller.poll(None if remaining is None else int(remaining * 1000)):
-                return None
-            env = self._recv_ready()
+            # Take what is already waiting without a poll: polling before every message
+            # costs more than decoding it (~7 µs), and a busy receiver always has one waiting.
+            try:
+                frames = self._sub.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return None
+                if not self._poller.poll(None if remaining is None else math.ceil(remaining * 1000)):
+                    return None
+                continue
+            env = self._decode(frames)
             if env is not None:
                 return env
             if deadline is not None and time.monotonic() >= deadline:
-                return None
+                return None  # a stream of bad frames must not hold the caller past its timeout
 
     def recv_nowait(self) -> Envelope | None:
         """A message already waiting, else None (bad frames are consumed and counted)."""
         if self._pending:
             return self._pending.popleft()
-        while self._sub.poll(0):
-            env = self._recv_ready()
+        while True:
+            try:
+                frames = self._sub.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return None
+            env = self._decode(frames)
             if env is not None:
                 return env
-        return None
 
-    def _recv_ready(self) -> Envelope | None:
-        frames = self._sub.recv_multipart()
+    def _decode(self, frames: list[bytes]) -> Envelope | None:
         self.counters["received"] += 1
         try:
             return decode(frames, max_bytes=self.max_bytes)

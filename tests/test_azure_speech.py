@@ -277,10 +277,11 @@ def test_synthesize_after_close_is_a_programming_error() -> None:
 
 def test_objects_left_open_do_not_abort_the_interpreter_at_exit() -> None:
     # Without the finalizers the SDK's native threads abort the process at exit
-    # ("FATAL: exception not rethrown", exit 134) in most runs; the riskiest
-    # state is a failed recognition session that nobody ended or closed.
+    # ("FATAL: exception not rethrown", exit 134) when it leaves while a failed
+    # session is being canceled: about half the runs of this script here. Two
+    # runs catch a regression most of the time; a clean exit is never a fluke.
     script = textwrap.dedent(f"""
-        import threading, time
+        import threading
         from voicebus.engine.errors import BackendError
         from voicebus.workers.asr.azure import AzureRecognizer
         from voicebus.workers.tts.azure import AzureSynthesizer
@@ -290,15 +291,14 @@ def test_objects_left_open_do_not_abort_the_interpreter_at_exit() -> None:
         except BackendError:
             pass
         rec = AzureRecognizer(**{FAKE!r})
+        canceled = threading.Event()
         rec.begin()
-        deadline = time.monotonic() + 10
-        try:
-            while time.monotonic() < deadline:
-                rec.feed(bytes(640))
-                threading.Event().wait(0.02)
-        except BackendError:
-            print("leaving", flush=True)
+        rec.recognizer.canceled.connect(lambda evt: canceled.set())
+        rec.feed(bytes(6400))
+        canceled.wait(10)
+        print("leaving", flush=True)
     """)
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
-    assert done.stdout == "leaving\n"
-    assert done.returncode == 0, done.stderr[-2000:]
+    for _ in range(2):
+        done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+        assert done.stdout == "leaving\n"
+        assert done.returncode == 0, done.stderr[-2000:]

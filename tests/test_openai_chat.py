@@ -225,12 +225,20 @@ class ScriptedHandler(BaseHTTPRequestHandler):
         self.close_connection = True
 
 
+class ScriptedServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request: object, client_address: object) -> None:
+        # Clients hang up on purpose here (cancel, timeouts, pool closed): not a server bug.
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)
+
+
 @pytest.fixture(scope="module")
 def scripted() -> Iterator[tuple[str, Script]]:
     script = Script()
     handler = type("Handler", (ScriptedHandler,), {"script": script})
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    server.daemon_threads = True
+    server = ScriptedServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, name="scripted-openai", daemon=True)
     thread.start()
     yield f"http://127.0.0.1:{server.server_address[1]}", script
@@ -336,6 +344,13 @@ def test_500_is_retried_with_growing_backoff_then_reported(make_chat, scripted) 
     assert len(seen) == 4
     # 0.1, 0.2, 0.4 s with ±20 % jitter: each wait clearly longer than the one before.
     assert 0.07 <= gaps[0] < 0.5 and gaps[1] > gaps[0] * 1.2 and gaps[2] > gaps[1] * 1.2, gaps
+
+
+def test_backoff_waits_are_capped_at_max_wait(make_chat, scripted) -> None:
+    error, _, elapsed = failure(make_chat("e500-capped", max_retries=3, backoff_s=5, max_wait_s=0.1))
+    assert error.code == "server"
+    assert len(scripted[1].seen("e500-capped")) == 4
+    assert elapsed < 2  # 3 waits of 0.1 s, not 5 + 10 + 20 s
 
 
 def test_a_prompt_rejected_by_the_content_filter(make_chat, scripted) -> None:

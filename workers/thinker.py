@@ -180,8 +180,10 @@ class Thinker(Actor):
                 spoken = speakable(sentence)
                 if spoken:
                     timings.setdefault("first_sentence", time.time())
-                    self.bus.publish(LlmSentence(text=spoken, index=len(answer.sentences)), turn=job.turn)
-                    answer.sentences.append(spoken)
+                    with self._lock:  # recorded before it is sent: play.stopped may follow at once
+                        index = len(answer.sentences)
+                        answer.sentences.append(spoken)
+                    self.bus.publish(LlmSentence(text=spoken, index=index), turn=job.turn)
 
         try:
             stream = self.chat.stream(messages, max_tokens=llm.max_tokens, cancel=job.cancel)
@@ -201,10 +203,13 @@ class Thinker(Actor):
         except BackendError as exc:
             finish = "error"
             self.bus.publish(LlmError(code=exc.code, message=str(exc), transient=exc.transient), turn=job.turn)
-            self.bus.publish(LlmSentence(text=APOLOGY, index=len(answer.sentences)), turn=job.turn)
             with self._lock:
-                answer.spoken = "" if answer.spoken is None else answer.spoken
-            answer.sentences.append(APOLOGY)
+                # The apology is spoken but is no answer: the history keeps what came before it.
+                if answer.spoken is None:
+                    answer.spoken = " ".join(answer.sentences)
+                index = len(answer.sentences)
+                answer.sentences.append(APOLOGY)
+            self.bus.publish(LlmSentence(text=APOLOGY, index=index), turn=job.turn)
         if job.cancel.is_set():
             finish = "cancelled"
         timings["done"] = time.time()
@@ -213,13 +218,13 @@ class Thinker(Actor):
             gen_s = timings["done"] - timings["first_token"]
             if tokens > 1 and gen_s > 0:
                 timings["tokens_per_s"] = (tokens - 1) / gen_s
+        with self._lock:  # history first: whoever reacts to llm.done sees it
+            answer.finished = True
+            self._remember_answer(job.turn, answer)
         self.bus.publish(
             LlmDone(finish_reason=finish, sentences=len(answer.sentences), text="".join(pieces), timings=timings),
             turn=job.turn,
         )
-        with self._lock:
-            answer.finished = True
-            self._remember_answer(job.turn, answer)
 
     def _prompt(self) -> list[dict[str, str]]:
         """System prompt and as much recent history as fits beside the answer."""

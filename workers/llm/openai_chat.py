@@ -15,12 +15,15 @@ a ``BackendError`` with a stable code, so a failed turn ends cleanly:
     server           HTTP 5xx                                      yes        yes
     connection       connection refused/reset before a response    yes        yes
     timeout          no response within ``timeout_s``              yes        no
+                     (HTTP 408 from the server: retried)
     stream_dropped   the stream broke after it started             yes        no
+    client           the openai client itself refused (bad option) no         no
 
 Retries happen only before the first piece is yielded (never re-sending a
-half-spoken answer). Waits grow exponentially from ``backoff_s``; a server's
-``Retry-After``/``retry-after-ms`` takes precedence, and a wait longer than
-``max_wait_s`` gives up at once rather than keep a user waiting on silence.
+half-spoken answer). Waits grow exponentially from ``backoff_s`` up to
+``max_wait_s``; a server's ``Retry-After``/``retry-after-ms`` takes precedence,
+and one longer than ``max_wait_s`` gives up at once: retrying sooner than the
+server asked would only fail again, and the user is waiting on silence.
 Timeouts are not retried: the user has already waited ``timeout_s``.
 
 The openai client's own retries are switched off (``max_retries=0``): it would
@@ -136,13 +139,13 @@ class _HttpChat:
                 raise BackendError(f"chat request failed: {exc}", code="client") from exc
             if not error.transient or attempt == self.max_retries:
                 raise error
-            wait = hint if hint is not None else _backoff(self.backoff_s, attempt)
-            if wait > self.max_wait_s:
+            if hint is not None and hint > self.max_wait_s:
                 raise BackendError(
-                    f"{error.message} (server asks to retry after {wait:g} s; giving up)",
+                    f"{error.message} (server asks to retry after {hint:g} s; giving up)",
                     code=error.code,
                     transient=True,
                 )
+            wait = hint if hint is not None else min(_backoff(self.backoff_s, attempt), self.max_wait_s)
             log.warning("%s; retry %d/%d in %.2f s", error.message, attempt + 1, self.max_retries, wait)
             if cancel.wait(wait):
                 return None

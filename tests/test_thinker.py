@@ -1,0 +1,130 @@
+"""The thinker on a real bus with the real local model (and a real unreachable endpoint)."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import replace
+
+import pytest
+
+from voicebus.engine.client import BusClient
+from voicebus.engine.messages import Interrupt, new_turn_id
+from voicebus.engine.settings import load
+from voicebus.workers.config import Settings
+from voicebus.workers.kinds import Ask, PlayStopped
+from voicebus.workers.memory import Conversation
+from voicebus.workers.thinker import APOLOGY, Thinker, normalize, spoken_part
+
+from conftest import wait_for
+
+
+def test_normalize_and_spoken_part():
+    assert normalize("  Good-bye! ") == "good bye" and normalize("STOP.") == "stop"
+    sentences = ["One two three four.", "Five six seven eight."]
+    assert spoken_part(sentences, 1, 500, 1000) == "One two three four. Five six…"
+    assert spoken_part(sentences, 0, 0, 1000) == ""
+    assert spoken_part(sentences, 2, 0, 0) == "One two three four. Five six seven eight."
+
+
+@pytest.fixture
+def run_thinker(bus, tmp_path):
+    running: list[tuple[Thinker, threading.Thread]] = []
+
+    def start(**llm_overrides) -> Thinker:
+        settings = load(Settings, env={}, overrides={"state.dir": tmp_path, "bus.url": bus.endpoints.url})
+        settings = replace(settings, llm=replace(settings.llm, **llm_overrides))
+        thinker = Thinker(BusClient(bus.endpoints, name="thinker"), settings)
+        thread = threading.Thread(target=thinker.run, daemon=True)
+        thread.start()
+        running.append((thinker, thread))
+        return thinker
+
+    yield start
+    for thinker, thread in running:
+        thinker.stop("test over")
+        thread.join(10)
+        assert not thread.is_alive()
+
+
+def ready(client: BusClient) -> None:
+    wait_for(client, lambda e: e.kind == "sys.ready" and e.body.name == "thinker", timeout=60)
+
+
+def answer(client: BusClient, turn: int) -> list:
+    seen = []
+    wait_for(client, lambda e: (e.turn == turn and seen.append(e)) or (e.kind == "llm.done" and e.turn == turn), timeout=60)
+    return seen
+
+
+@pytest.mark.slow
+def test_answers_streams_sentences_and_remembers(run_thinker, make_client, tmp_path):
+    client = make_client("test", subscribe=("llm.", "sys.ready"))
+    run_thinker(max_tokens=60)
+    ready(client)
+    turn = new_turn_id()
+    client.publish(Ask(text="What is the capital of France?"), turn=turn)
+    client.publish(Ask(text="What is the capital of France?"), turn=turn)  # a redelivery
+    seen = answer(client, turn)
+    kinds = [e.kind for e in seen]
+    assert kinds[0] == "llm.accepted" and "llm.token" in kinds and "llm.sentence" in kinds
+    done = seen[-1].body
+    assert done.finish_reason in ("stop", "length") and done.sentences == kinds.count("llm.sentence")
+    assert done.timings["ttft_s"] > 0 and done.timings["first_sentence"] >= done.timings["first_token"]
+    sentences = [e.body.text for e in seen if e.kind == "llm.sentence"]
+    assert [e.body.index for e in seen if e.kind == "llm.sentence"] == list(range(len(sentences)))
+    # one answer only, despite the repeat: nothing but a renewed acceptance follows
+    later = [e for e in iter(lambda: client.recv(timeout=1.0), None) if e.turn == turn]
+    assert {e.kind for e in later} <= {"llm.accepted"}
+    memory = Conversation(tmp_path / "conversation.sqlite")
+    history = memory.history()
+    assert history[0] == (turn, "user", "What is the capital of France?")
+    assert history[1][:2] == (turn, "assistant") and history[1][2] == " ".join(sentences)
+    assert [h for h in history if h[1] == "user"] == [history[0]]
+
+
+@pytest.mark.slow
+def test_interrupt_stops_generation_and_history_keeps_the_spoken_part(run_thinker, make_client, tmp_path):
+    client = make_client("test", subscribe=("llm.", "sys.ready"))
+    run_thinker(max_tokens=200)
+    ready(client)
+    turn = new_turn_id()
+    client.publish(Ask(text="Tell me a long story about a dragon and a knight."), turn=turn)
+    first = wait_for(client, lambda e: e.kind == "llm.sentence" and e.turn == turn, timeout=60)
+    client.publish(PlayStopped(index=0, reason="interrupted", spoken_ms=500, total_ms=1000), turn=turn)
+    client.publish(Interrupt(reason="barge-in"), turn=turn)
+    rest = answer(client, turn)
+    assert rest[-1].body.finish_reason == "cancelled"
+    assert sum(e.kind == "llm.token" for e in rest) < 60, "generation went on after the interrupt"
+    words = first.body.text.split()
+    expected = " ".join(words[: len(words) // 2]) + "…" if len(words) >= 2 else ""
+    history = Conversation(tmp_path / "conversation.sqlite").history()
+    assert history[-1] == (turn, "assistant", expected)
+
+
+@pytest.mark.slow
+def test_stop_phrase_ends_the_conversation(run_thinker, make_client):
+    client = make_client("test", subscribe=("llm.", "ctl.shutdown", "sys."))
+    run_thinker()
+    ready(client)
+    turn = new_turn_id()
+    client.publish(Ask(text="Goodbye!"), turn=turn)
+    shutdown = wait_for(client, lambda e: e.kind == "ctl.shutdown", timeout=10)
+    assert "goodbye" in shutdown.body.reason.lower()
+    wait_for(client, lambda e: e.kind == "sys.bye" and e.body.name == "thinker", timeout=10)
+
+
+def test_unreachable_endpoint_is_an_audible_error_not_a_crash(run_thinker, make_client):
+    from voicebus.engine.bus import free_port_pair
+
+    client = make_client("test", subscribe=("llm.", "sys."))
+    closed = free_port_pair()
+    run_thinker(backend="openai", base_url=f"http://127.0.0.1:{closed}/v1", model="m", timeout_s=2.0)
+    ready(client)
+    for question in ("Hello?", "Anyone there?"):
+        turn = new_turn_id()
+        client.publish(Ask(text=question), turn=turn)
+        seen = answer(client, turn)
+        error = next(e for e in seen if e.kind == "llm.error")
+        assert error.body.code == "connection" and error.body.transient
+        assert [e.body.text for e in seen if e.kind == "llm.sentence"] == [APOLOGY]
+        assert seen[-1].body.finish_reason == "error"
