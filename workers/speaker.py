@@ -50,6 +50,7 @@ class Turn:
     """how many sentences the turn has, once llm.done said so"""
     played: int = 0
     stopped: bool = False
+    stop_reason: str = ""
     stop_reported: bool = False
     timings: dict[str, float] = field(default_factory=dict)
 
@@ -179,6 +180,7 @@ class Speaker(Actor):
         if state.stopped or self._finished(state):
             return
         state.stopped = True
+        state.stop_reason = reason
         state.timings["interrupted"] = time.time()
         if self._playing is None or self._playing[0] != state.turn:
             self._report_stop(state, state.played, 0, 0, reason)
@@ -271,7 +273,7 @@ class Speaker(Actor):
             state = self._turns.get(chunk.turn)
             if state is not None:
                 total = chunk.total_ms or self._ms(received_bytes)
-                self._report_stop(state, chunk.index, self._ms(played_bytes), total, "interrupted")
+                self._report_stop(state, chunk.index, self._ms(played_bytes), total, state.stop_reason)
 
     def close(self) -> None:
         self._sentences.put(None)
