@@ -9,6 +9,7 @@ whether), and a ``View`` (what the user sees). It knows nothing about voice.
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 import time
@@ -23,6 +24,8 @@ from voicebus.engine.settings import SupervisorSettings
 from voicebus.engine.spawner import Child, WorkerSpec, describe_exit
 
 TICK_S = 0.05
+BUS_PROBE_S = 0.5
+"""How often the supervisor sends its own heartbeat through the bus to see that the bus still passes messages."""
 FIRST_HEARTBEAT_GRACE_S = 15.0
 """A new child may take this long (interpreter, imports, bus handshake) before its first heartbeat."""
 
@@ -93,6 +96,13 @@ class Supervisor:
         self.exit_code = 0
         self.failure = ""
         self._grace_until = 0.0
+        self._started = time.monotonic()
+        self._last_echo = 0.0
+        """When our own heartbeat last came back through the bus."""
+        self._next_probe = 0.0
+        self._bus_silent_since: float | None = None
+        self._bus_silent_until = 0.0
+        """The last moment the bus was found silent: workers' heartbeats are judged from then on."""
 
     def _policy(self) -> RestartPolicy:
         s = self.settings
@@ -118,7 +128,7 @@ class Supervisor:
             if self.client is not None:
                 for slot in self.slots:
                     self._spawn(slot)
-                self._grace_until = time.monotonic()
+                self._grace_until = self._last_echo = time.monotonic()
                 while not self._stop.is_set():
                     self._step()
         finally:
@@ -153,6 +163,7 @@ class Supervisor:
             if env is None:
                 break
             self._on_message(env)
+        self._probe_bus()
         self._reap()
         self._check_heartbeats()
         self._start_due()
@@ -160,6 +171,8 @@ class Supervisor:
 
     def _on_message(self, env: Envelope) -> None:
         body = env.body
+        if self.client is not None and env.src == self.client.src:
+            self._last_echo = time.monotonic()  # our probe came back: the bus passes messages
         if isinstance(body, Heartbeat):
             slot = self._slot_by_pid(body.pid)
             if slot is not None:
@@ -209,14 +222,36 @@ class Supervisor:
             self.view.event(f"{slot.spec.name} {reason}; restarting in {delay:.1f} s")
             self._publish(Restarting(worker=slot.spec.name, restarts=slot.policy.restarts, delay_s=delay, reason=reason))
 
+    def _probe_bus(self) -> None:
+        now = time.monotonic()
+        if now >= self._next_probe:
+            self._next_probe = now + BUS_PROBE_S
+            uptime = round(now - self._started, 3)
+            self._publish(Heartbeat(name="supervisor", pid=os.getpid(), uptime=uptime, state="ready"))
+
     def _check_heartbeats(self) -> None:
         now = time.monotonic()
         timeout = self.settings.heartbeat_timeout_s
+        if now - max(self._last_echo, self._grace_until) > timeout:
+            # No heartbeat can cross a bus that passes nothing (hung, stopped, unreachable):
+            # repair the bus if it is ours, and don't blame the workers for its silence.
+            self._bus_silent_until = now
+            bus = self.bus_slot.child if self.bus_slot else None
+            if bus is not None and bus.poll() is None:
+                self.view.event(f"the bus (pid {bus.pid}) passed nothing for {timeout:.0f} s; killing it")
+                self.bus_slot.last_error = f"passed nothing for {timeout:.0f} s"
+                bus.kill()
+            elif self.bus_slot is None and self._bus_silent_since is None:
+                self.view.event(f"no answer through the bus for {timeout:.0f} s; waiting for it")
+            if self._bus_silent_since is None:
+                self._bus_silent_since = now
+            return
+        self._bus_silent_since = None
         for slot in self.slots:
             child = slot.child
             if child is None or not slot.spec.heartbeats:
                 continue
-            since = max(slot.last_heartbeat, self._grace_until)
+            since = max(slot.last_heartbeat, self._grace_until, self._bus_silent_until)
             limit = timeout if slot.heard else max(timeout, FIRST_HEARTBEAT_GRACE_S)
             if now - max(since, child.started) > limit:
                 self.view.event(f"{slot.spec.name} (pid {child.pid}) sent no heartbeat for {limit:.0f} s; killing it")

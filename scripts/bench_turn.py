@@ -450,6 +450,8 @@ def run_voice(asr: str, wav: Path, workdir: Path, *, expected: int, timeout_s: f
                     f"(ASR {fmt_s(t.get('asr_s'))}, first sentence {fmt_s(t.get('first_sentence_s'))}, "
                     f"first audio {fmt_s(t.get('first_audio_s'))}) [{rec['outcome']}"
                     f"{', before every worker was ready: left out' if rec['cold'] else ''}]")
+                if done >= expected:
+                    break
         else:
             run.errors.append(f"timed out after {timeout_s:.0f} s")
             log(f"{run.label}: timed out after {timeout_s:.0f} s")
@@ -457,7 +459,7 @@ def run_voice(asr: str, wav: Path, workdir: Path, *, expected: int, timeout_s: f
             try:
                 up.proc.wait(timeout=20)  # it shuts itself down once the last answer is spoken
             except subprocess.TimeoutExpired:
-                pass
+                run.errors.append("voicebus up did not shut down by itself 20 s after the last answer")
         run.exit_code = up.proc.poll()
         run.turns = [by_turn[t] for t in order]
     finally:
@@ -673,10 +675,14 @@ def main() -> int:
     questions = [QUESTIONS[i % len(QUESTIONS)] for i in range(n)]
     asrs = [a.strip() for a in args.asr.split(",") if a.strip()]
 
-    def on_sigterm(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt  # the same clean-up path as Ctrl-C
+    def on_signal(signum: int, frame: object) -> None:
+        # Once: the clean-up that follows (bounded waits) must not be cut short by a second signal.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise KeyboardInterrupt  # SIGTERM takes the same clean-up path as Ctrl-C
 
-    signal.signal(signal.SIGTERM, on_sigterm)
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
     t_start = time.monotonic()
     load_start = [round(x, 2) for x in os.getloadavg()]
     workdir = Path(tempfile.mkdtemp(prefix="voicebus-bench-"))
@@ -719,12 +725,12 @@ def main() -> int:
     finally:
         if server is not None:
             server.stop()
-        if not args.keep and not interrupted:
+        if args.keep:
+            log(f"kept {workdir}")
+        else:
             import shutil
 
             shutil.rmtree(workdir, ignore_errors=True)
-        elif args.keep:
-            log(f"kept {workdir}")
 
     if interrupted:
         return 130

@@ -15,7 +15,7 @@ import pytest
 from voicebus.engine.actor import EXIT_FAILED, LOOP_STALL_S, Actor
 from voicebus.engine.bus import Bus
 from voicebus.engine.client import BusClient
-from voicebus.engine.messages import Envelope, Error, Heartbeat, Interrupt, Shutdown, encode
+from voicebus.engine.messages import Envelope, Error, Heartbeat, Interrupt, Shutdown
 
 from conftest import wait_for
 from support.actors import CrashingLoad, FailingLoad, Note, Recorder

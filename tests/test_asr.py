@@ -1,10 +1,11 @@
 """Speech recognition backends on real synthesized speech.
 
 Speech comes from piper with the packaged joe voice (22.05 kHz, resampled to
-16 kHz, piper's random variation off so every run hears the same audio), fed in 20 ms frames as the listener would, followed by 300 ms of
-silence (the VAD's hangover before it ends an utterance). Accuracy is the share
-of the reference's words found in the transcript, lower-cased, punctuation
-dropped. Measurements are printed (see them with ``pytest -s``).
+16 kHz, piper's random variation off so every run hears the same audio), fed in
+20 ms frames as the listener would, followed by 300 ms of silence (the VAD's
+hangover before it ends an utterance). Accuracy is the share of the
+reference's words found in the transcript, lower-cased, punctuation dropped.
+Measurements are printed (see them with ``pytest -s``).
 """
 
 from __future__ import annotations
@@ -27,16 +28,15 @@ import pytest
 from voicebus.engine.errors import ConfigError, MissingExtraError, ModelError
 from voicebus.workers.asr.base import SAMPLE_RATE, Recognizer
 from voicebus.workers.asr.pocketsphinx import PocketsphinxRecognizer
-from voicebus.workers.asr.registry import known_recognizers, open_recognizer
 from voicebus.workers.asr.whisper_model import MARKER_NAME, MODEL_PACKAGES, ensure_whisper_model
 
 FRAME = SAMPLE_RATE * 2 // 50  # 20 ms of int16
 QUESTIONS = (
     "What is the capital of France?",
     "What is the weather like today?",
-    "Turn off the lights in the living room.",
-    "Please play some music in the kitchen.",
     "What should I cook for dinner tonight?",
+    "When does the next train leave for Boston?",
+    "Why is the sky blue?",
 )
 LONG = (
     "Can you remind me to call my mother tomorrow morning and then book a table "
@@ -79,7 +79,7 @@ class Speech:
         self._voice = PiperVoice.load(str(onnx.locate()), config_path=str(config.locate()))
         self._resample = soxr.resample
         # Piper samples noise on every call; without it the same text gives the same
-        # audio, so a failure here is reproducible rather than one run in ten.
+        # audio, so a result here does not depend on the draw.
         self._config = SynthesisConfig(noise_scale=0.0, noise_w_scale=0.0)
         self._cache: dict[str, bytes] = {}
 
@@ -166,7 +166,12 @@ def recognizer(request: pytest.FixtureRequest) -> Recognizer:
 # --- both recognizers --------------------------------------------------------------------------------
 
 
-def test_recognizers_get_most_words_of_short_questions(recognizer: Recognizer, speech: Speech) -> None:
+@pytest.mark.parametrize("backend", ["pocketsphinx", pytest.param("whisper", marks=pytest.mark.slow)])
+def test_recognizers_get_most_words_of_short_questions(
+    backend: str, request: pytest.FixtureRequest, speech: Speech
+) -> None:
+    # whisper takes about a second per question on 2 shared cores: slow.
+    recognizer: Recognizer = request.getfixturevalue("sphinx" if backend == "pocketsphinx" else "whisper")
     scores = []
     for question in QUESTIONS:
         pcm = speech(question)
@@ -425,37 +430,3 @@ def test_a_damaged_model_part_is_reported_not_assembled(
     with pytest.raises(ModelError, match=f"checksum.*pip install --force-reinstall {package}"):
         ensure_whisper_model(tmp_path / "cache")
     assert [p.name for p in (tmp_path / "cache" / "whisper-base").iterdir() if "model.bin" in p.name] == []
-
-
-# --- registry -------------------------------------------------------------------------------------------
-
-
-def test_registry_opens_backends_by_name(tmp_path: Path) -> None:
-    assert {"pocketsphinx", "whisper"} <= set(known_recognizers())
-    recognizer = open_recognizer("pocketsphinx", language="en-US", cache_dir=tmp_path)
-    try:
-        assert recognizer.name == "pocketsphinx"
-    finally:
-        recognizer.close()
-
-
-@has_whisper
-def test_registry_opens_whisper_with_the_cache(whisper_cache: Path) -> None:
-    recognizer = open_recognizer("whisper", language="en-US", cache_dir=whisper_cache)
-    try:
-        assert recognizer.name == "whisper"
-    finally:
-        recognizer.close()
-
-
-def test_registry_rejects_unknown_names(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError) as caught:
-        open_recognizer("vosk", language="en-US", cache_dir=tmp_path)
-    assert "vosk" in str(caught.value)
-    for name in known_recognizers():
-        assert name in str(caught.value)
-
-
-def test_registry_passes_the_language_on(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="fr-FR"):
-        open_recognizer("pocketsphinx", language="fr-FR", cache_dir=tmp_path)

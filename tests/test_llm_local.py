@@ -12,7 +12,6 @@ import pytest
 from voicebus.engine.errors import BackendError, ConfigError, ModelError
 from voicebus.workers.llm.local import LocalChat
 from voicebus.workers.llm.models import find_smollm2_gguf
-from voicebus.workers.llm.registry import known_chats, open_chat
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 STORY = [{"role": "user", "content": "Write a long story about a dragon who learns to bake bread."}]
@@ -153,23 +152,7 @@ def test_truncated_gguf_is_a_model_error(tmp_path: Path) -> None:
 
 
 def test_closed_model_refuses_work() -> None:
-    backend = open_chat("local")
+    backend = LocalChat()
     backend.close()
     with pytest.raises(BackendError, match="closed"):
         backend.count_tokens("hi")
-
-
-def test_registry_opens_local_with_settings() -> None:
-    backend = open_chat("local", context_tokens=512, seed=1)
-    try:
-        assert backend.name == "local" and backend.context_tokens == 512
-    finally:
-        backend.close()
-
-
-def test_registry_rejects_unknown_names_and_settings() -> None:
-    assert "local" in known_chats()
-    with pytest.raises(ConfigError, match="local"):
-        open_chat("gpt-17")
-    with pytest.raises(ConfigError, match="temprature"):
-        open_chat("local", temprature=0.5)

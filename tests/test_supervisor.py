@@ -236,10 +236,10 @@ def test_ctrl_c_to_the_whole_group_stops_without_restarts(stack):
 @pytest.mark.slow
 def test_killed_bus_is_restarted_and_workers_carry_on(stack, tmp_path):
     up, watcher = stack.up, stack.watcher
-    bus_pid = next(p.pid for p in up.descendants() if "bus" in p.cmdline()[-1:])
+    bus_pid = up.bus_pid()
+    assert bus_pid is not None
     os.kill(bus_pid, signal.SIGKILL)
-    poll(lambda: any(p.pid != bus_pid and p.cmdline()[-1:] == ["bus"] for p in up.descendants()), 15,
-         "a new bus process")
+    poll(lambda: up.bus_pid() not in (None, bus_pid), 15, "a new bus process")
     mark = watcher.mark()
     # our watcher reconnects by itself (ZeroMQ resends its subscriptions)
     for name in WORKER_NAMES:
@@ -249,6 +249,27 @@ def test_killed_bus_is_restarted_and_workers_carry_on(stack, tmp_path):
     assert result.returncode == 0, result.stderr
     assert up.worker_pids() == stack.pids, "a worker was restarted because the bus was"
     assert watcher.select(lambda e: e.kind == "sup.exited" and e.body.worker != "bus") == []
+
+
+@pytest.mark.slow
+def test_stopped_bus_is_replaced_not_the_workers(stack, tmp_path):
+    """A hung bus silences every heartbeat at once: the bus is the one to replace."""
+    up, watcher = stack.up, stack.watcher
+    bus_pid = up.bus_pid()
+    assert bus_pid is not None
+    os.kill(bus_pid, signal.SIGSTOP)
+    stopped_at = time.monotonic()
+    poll(lambda: gone(bus_pid), 15, "the stopped bus killed")
+    poll(lambda: up.bus_pid() not in (None, bus_pid), 15, "a new bus")
+    mark = watcher.mark()
+    for name in WORKER_NAMES:
+        watcher.wait(lambda e, n=name: isinstance(e.body, Heartbeat) and e.body.name == n, 15,
+                     f"a heartbeat from {name} through the new bus", since=mark)
+    assert time.monotonic() - stopped_at < 20
+    result = ask(stack.url, "Are you still there?", tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert up.worker_pids() == stack.pids, "workers were killed for the bus's silence"
+    assert "the bus" in up.stderr() and "killing it" in up.stderr()
 
 
 @pytest.mark.slow

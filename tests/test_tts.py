@@ -12,7 +12,6 @@ import pytest
 
 from voicebus.engine.errors import BackendError, ConfigError, ModelError
 from voicebus.workers.tts.piper import PiperSynthesizer, find_default_voice
-from voicebus.workers.tts.registry import known_synthesizers, open_synthesizer
 
 TEN_WORDS = "The quick brown fox jumps over the lazy sleeping dog."
 
@@ -116,22 +115,7 @@ def test_non_onnx_path_is_a_model_error(tmp_path: Path) -> None:
 
 
 def test_closed_synthesizer_refuses_work() -> None:
-    synth = open_synthesizer("piper")
+    synth = PiperSynthesizer()
     synth.close()
     with pytest.raises(BackendError, match="closed"):
         list(synth.synthesize("Hello."))
-
-
-def test_registry_opens_piper_by_name() -> None:
-    synth = open_synthesizer("piper", voice=str(find_default_voice()))
-    try:
-        assert synth.name == "piper"
-        assert len(b"".join(synth.synthesize("Yes."))) > 0
-    finally:
-        synth.close()
-
-
-def test_registry_rejects_unknown_names_listing_known_ones() -> None:
-    assert "piper" in known_synthesizers()
-    with pytest.raises(ConfigError, match="piper"):
-        open_synthesizer("espeak-classic")

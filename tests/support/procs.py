@@ -77,17 +77,26 @@ class Up:
         self.seen_pids.update(p.pid for p in found)
         return found
 
+    def _live_commands(self) -> list[tuple[int, list[str]]]:
+        found = []
+        for proc in self.descendants():
+            try:
+                found.append((proc.pid, proc.cmdline()))
+            except psutil.Error:  # gone, or a zombie not reaped yet
+                continue
+        return found
+
     def worker_pids(self) -> dict[str, int]:
         """{worker name: pid} of the running ``voicebus worker NAME`` children."""
         pids = {}
-        for proc in self.descendants():
-            try:
-                cmd = proc.cmdline()
-            except psutil.Error:
-                continue
-            if "worker" in cmd and cmd.index("worker") + 1 < len(cmd) and not gone(proc.pid):
-                pids[cmd[cmd.index("worker") + 1]] = proc.pid
+        for pid, cmd in self._live_commands():
+            if "worker" in cmd and cmd.index("worker") + 1 < len(cmd):
+                pids[cmd[cmd.index("worker") + 1]] = pid
         return pids
+
+    def bus_pid(self) -> int | None:
+        """The pid of the running ``voicebus bus`` child, if there is one."""
+        return next((pid for pid, cmd in self._live_commands() if cmd[-1:] == ["bus"]), None)
 
     def stderr(self) -> str:
         return self.stderr_path.read_text(errors="replace")
