@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Iterator
 
@@ -36,6 +37,29 @@ def make_client(bus: Bus) -> Iterator[Callable[..., BusClient]]:
     yield make
     for client in clients:
         client.close()
+
+
+@pytest.fixture
+def run_actor(bus: Bus, tmp_path) -> Iterator[Callable[..., object]]:
+    """Start a worker class in a thread on the test bus; ``overrides`` are settings ("llm.max_tokens": 5)."""
+    from voicebus.engine.settings import load
+    from voicebus.workers.config import Settings
+
+    running = []
+
+    def start(cls, **overrides):
+        settings = load(Settings, env={}, overrides={"state.dir": tmp_path, **overrides})
+        actor = cls(BusClient(bus.endpoints, name=cls.name), settings)
+        thread = threading.Thread(target=actor.run, name=f"test-{cls.name}", daemon=True)
+        thread.start()
+        running.append((actor, thread))
+        return actor
+
+    yield start
+    for actor, thread in running:
+        actor.stop("test over")
+        thread.join(10)
+        assert not thread.is_alive(), f"{actor.name} did not stop"
 
 
 def wait_for(

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import threading
 import time
 from pathlib import Path
 
 import pytest
 
 from voicebus.engine.client import BusClient
-from voicebus.engine.settings import load
 from voicebus.workers.audio import write_wav
-from voicebus.workers.config import Settings
 from voicebus.workers.kinds import LlmAccepted, PlayStart, TurnMetrics
 from voicebus.workers.listener import Listener
 
@@ -36,23 +33,11 @@ def two_questions(tmp_path_factory) -> Path:
 
 
 @pytest.fixture
-def run_listener(bus, tmp_path):
-    running = []
+def run_listener(run_actor):
+    def start(wav, *, fast: bool = True, **overrides):
+        return run_actor(Listener, **{"audio.input": str(wav), "audio.fast": fast, **overrides})
 
-    def start(wav: Path, **overrides) -> Listener:
-        settings = load(Settings, env={}, overrides={
-            "state.dir": tmp_path, "audio.input": str(wav), "audio.fast": overrides.pop("fast", True), **overrides})
-        actor = Listener(BusClient(bus.endpoints, name="listener"), settings)
-        thread = threading.Thread(target=actor.run, daemon=True)
-        thread.start()
-        running.append((actor, thread))
-        return actor
-
-    yield start
-    for actor, thread in running:
-        actor.stop("test over")
-        thread.join(10)
-        assert not thread.is_alive()
+    return start
 
 
 def collect_until(client: BusClient, predicate, timeout: float = 60) -> list:
@@ -98,7 +83,7 @@ def test_barge_in_interrupts_the_speaking_turn(run_listener, make_client, two_qu
 
 def test_without_barge_in_speech_during_playback_is_ignored(run_listener, make_client, two_questions):
     client = make_client("test", subscribe=("vad.", "ctl.interrupt", "audio.end", "sys.ready"))
-    run_listener(two_questions, **{"vad.barge_in": False})
+    run_listener(two_questions, fast=False, **{"vad.barge_in": False})
     wait_for(client, lambda e: e.kind == "sys.ready", timeout=30)
     client.publish(PlayStart(index=0, text="I am talking"), turn=42)
     seen = collect_until(client, lambda e: e.kind == "audio.end")

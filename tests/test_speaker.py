@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-import threading
 import time
-from dataclasses import replace
 
 import pytest
 
 from voicebus.engine.client import BusClient
 from voicebus.engine.messages import Interrupt, new_turn_id
-from voicebus.engine.settings import load
 from voicebus.workers.audio import read_wav
-from voicebus.workers.config import Settings
 from voicebus.workers.kinds import AsrFinal, LlmDone, LlmSentence, LlmToken, Say, VadEnd
 from voicebus.workers.speaker import Speaker, latencies
 
@@ -24,15 +20,9 @@ LONG = "This sentence is long enough that it takes several seconds to say, so it
 
 
 @pytest.fixture
-def speaker(bus, tmp_path):
-    settings = load(Settings, env={}, overrides={"state.dir": tmp_path, "audio.output": str(tmp_path / "out.wav")})
-    actor = Speaker(BusClient(bus.endpoints, name="speaker"), settings)
-    thread = threading.Thread(target=actor.run, daemon=True)
-    thread.start()
-    yield actor, tmp_path / "out.wav"
-    actor.stop("test over")
-    thread.join(10)
-    assert not thread.is_alive()
+def speaker(run_actor, tmp_path):
+    wav = tmp_path / "out.wav"
+    return run_actor(Speaker, **{"audio.output": str(wav)}), wav
 
 
 def ready(client: BusClient) -> None:

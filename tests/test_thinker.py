@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import threading
-from dataclasses import replace
 
 import pytest
 
 from voicebus.engine.client import BusClient
 from voicebus.engine.messages import Interrupt, new_turn_id
-from voicebus.engine.settings import load
-from voicebus.workers.config import Settings
 from voicebus.workers.kinds import Ask, PlayStopped
 from voicebus.workers.memory import Conversation
 from voicebus.workers.thinker import APOLOGY, Thinker, normalize, spoken_part
@@ -27,23 +23,8 @@ def test_normalize_and_spoken_part():
 
 
 @pytest.fixture
-def run_thinker(bus, tmp_path):
-    running: list[tuple[Thinker, threading.Thread]] = []
-
-    def start(**llm_overrides) -> Thinker:
-        settings = load(Settings, env={}, overrides={"state.dir": tmp_path, "bus.url": bus.endpoints.url})
-        settings = replace(settings, llm=replace(settings.llm, **llm_overrides))
-        thinker = Thinker(BusClient(bus.endpoints, name="thinker"), settings)
-        thread = threading.Thread(target=thinker.run, daemon=True)
-        thread.start()
-        running.append((thinker, thread))
-        return thinker
-
-    yield start
-    for thinker, thread in running:
-        thinker.stop("test over")
-        thread.join(10)
-        assert not thread.is_alive()
+def run_thinker(run_actor):
+    return lambda **llm: run_actor(Thinker, **{f"llm.{key}": value for key, value in llm.items()})
 
 
 def ready(client: BusClient) -> None:
