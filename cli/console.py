@@ -17,13 +17,20 @@ WATCH = ("asr.final", "ctl.ask", "play.start", "metrics.turn", "llm.error", "sys
 
 
 def latency_line(timings: dict[str, float]) -> str:
-    """speech end → first audio, with the ASR / first sentence / first audio parts."""
+    """Where the wait went: speech end → first audio, split into its stages.
+
+    The silence window (how long the VAD waits to be sure the user has finished)
+    is shown apart: it is a setting, not processing time.
+    """
     def ms(key: str) -> str:
         value = timings.get(key)
         return "–" if value is None else f"{value * 1000:.0f} ms"
 
-    head = f"speech end → first audio {ms('total_s')}" if "total_s" in timings else f"request → first audio {ms('request_to_audio_s')}"
-    return f"  [{head}: ASR {ms('asr_s')} · first sentence {ms('first_sentence_s')} · first audio {ms('first_audio_s')}]"
+    tail = f"first sentence {ms('first_sentence_s')} + first audio {ms('first_audio_s')}"
+    if "speech_end_to_audio_s" in timings:
+        return (f"  [speech end → first audio {ms('speech_end_to_audio_s')} = silence window {ms('silence_s')}"
+                f" + ASR {ms('asr_s')} + {tail}]")
+    return f"  [request → first audio {ms('request_to_audio_s')} = {tail}]"
 
 
 class ConsoleView:

@@ -89,8 +89,8 @@ class BusClient:
         security.apply_client(self._sub)
         self._pub.connect(endpoints.publish)
         self._sub.connect(endpoints.subscribe)
-        self._poller = zmq.Poller()
-        self._poller.register(self._sub, zmq.POLLIN)
+        self._rcvtimeo = -1
+        """The SUB socket's receive timeout as last set, ms (-1: block)."""
         self._last_report: dict[str, float] = {}
         self._closed = False
         self._secure = security.enabled
@@ -141,24 +141,26 @@ class BusClient:
         return self._recv_socket(timeout)
 
     def _recv_socket(self, timeout: float | None) -> Envelope | None:
+        # A blocking receive bounded by the socket's own timeout: no poll before each message
+        # (~3 µs) and no exception while messages flow (a failed non-blocking receive is ~5 µs).
         deadline = None if timeout is None else time.monotonic() + timeout
+        wait_ms = -1 if timeout is None else math.ceil(max(0.0, timeout) * 1000)
         while True:
-            # Take what is already waiting without a poll: polling before every message
-            # costs more than decoding it (~7 µs), and a busy receiver always has one waiting.
+            if wait_ms != self._rcvtimeo:
+                self._sub.setsockopt(zmq.RCVTIMEO, wait_ms)
+                self._rcvtimeo = wait_ms
             try:
-                frames = self._sub.recv_multipart(zmq.NOBLOCK)
+                frames = self._sub.recv_multipart()
             except zmq.Again:
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
-                    return None
-                if not self._poller.poll(None if remaining is None else math.ceil(remaining * 1000)):
-                    return None
-                continue
+                return None
             env = self._decode(frames)
             if env is not None:
                 return env
-            if deadline is not None and time.monotonic() >= deadline:
-                return None  # a stream of bad frames must not hold the caller past its timeout
+            if deadline is not None:  # a stream of bad frames must not hold the caller past its timeout
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return None
+                wait_ms = math.ceil(remaining * 1000)
 
     def recv_nowait(self) -> Envelope | None:
         """A message already waiting, else None (bad frames are consumed and counted)."""

@@ -13,7 +13,7 @@ import re
 
 import pytest
 
-from voicebus.workers.sentences import SentenceCutter, speakable
+from voicebus.workers.sentences import SentenceCutter, speakable, split_clauses
 
 CORPUS: list[tuple[str, str, list[str]]] = [
     # plain prose
@@ -365,3 +365,26 @@ def test_chunking_never_changes_the_result(seed: int) -> None:
         assert flat(run(list(text))) == whole, text
         assert flat(run(random_chunks(text, rng.randint(0, 10**6)))) == whole, text
         assert "".join("".join(whole).split()) == "".join(text.split()), text
+
+
+@pytest.mark.parametrize(
+    "sentence, pieces",
+    [
+        ("Short and sweet, really.", ["Short and sweet, really."]),
+        (
+            "Once upon a time, in a kingdom far away, there lived a brave knight who feared nothing at all.",
+            ["Once upon a time,", "in a kingdom far away,", "there lived a brave knight who feared nothing at all."],
+        ),
+        (
+            "Paris is the capital of France; it is known for art, food, and the Eiffel Tower, of course.",
+            ["Paris is the capital of France;", "it is known for art, food,", "and the Eiffel Tower, of course."],
+        ),
+        (
+            "There is no break anywhere in this rather long sentence about nothing in particular at all",
+            ["There is no break anywhere in this rather long sentence about nothing in particular at all"],
+        ),
+    ],
+)
+def test_split_clauses(sentence, pieces):
+    assert split_clauses(sentence) == pieces
+    assert " ".join(split_clauses(sentence)) == sentence

@@ -59,7 +59,7 @@ def open_chat(settings: Settings) -> ChatBackend:
 
         return OpenAIChat(
             base_url=llm.base_url or None, api_key=llm.api_key or None, model=llm.model,
-            timeout_s=llm.timeout_s, context_tokens=llm.context_tokens,
+            timeout_s=llm.timeout_s, context_tokens=llm.context_tokens, temperature=llm.temperature,
         )
     if llm.backend == "azure":
         from voicebus.workers.llm.openai_chat import AzureOpenAIChat
@@ -67,6 +67,7 @@ def open_chat(settings: Settings) -> ChatBackend:
         return AzureOpenAIChat(
             endpoint=llm.azure_endpoint or None, deployment=llm.azure_deployment or None,
             api_version=llm.azure_api_version, api_key=llm.azure_api_key or None, timeout_s=llm.timeout_s,
+            temperature=llm.temperature,
         )
     raise ConfigError(f"unknown llm backend {llm.backend!r}; choose from local, openai, azure")
 

@@ -62,7 +62,7 @@ class LlmSettings:
     """local: CPU threads (0 = all cores)"""
     max_tokens: int = 200
     temperature: float = 0.2
-    """local: sampling temperature (low: a tiny model wanders when sampled hotly)"""
+    """sampling temperature (low: a tiny model wanders when sampled hotly)"""
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
     stop_phrases: tuple[str, ...] = ("stop", "goodbye")
     model: str = ""

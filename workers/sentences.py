@@ -363,3 +363,24 @@ def _is_emoji(ch: str) -> bool:
     if ch in "\u200d\ufe0e\ufe0f\u20e3" or 0x1F3FB <= code <= 0x1F3FF:
         return True
     return unicodedata.category(ch) in ("So", "Cs", "Co")
+
+
+_CLAUSE_BREAK = re.compile(r"(?<=[,;:—])\s+")
+
+
+def split_clauses(sentence: str, *, long_words: int = 12, min_words: int = 4) -> list[str]:
+    """Cut a long sentence at clause breaks (, ; : —) into pieces of at least ``min_words``.
+
+    The speaker synthesizes a turn's first sentence piece by piece, so a long
+    opening sentence starts sounding after its first clause rather than after
+    all of it (piper returns a whole input at once). Short sentences stay whole.
+    """
+    if len(sentence.split()) <= long_words:
+        return [sentence]
+    pieces: list[str] = []
+    for part in _CLAUSE_BREAK.split(sentence):
+        if pieces and min(len(part.split()), len(pieces[-1].split())) < min_words:
+            pieces[-1] = f"{pieces[-1]} {part}"
+        else:
+            pieces.append(part)
+    return pieces

@@ -25,6 +25,7 @@ from voicebus.engine.messages import Envelope
 from voicebus.workers import backends
 from voicebus.workers.audio import open_sink
 from voicebus.workers.config import Settings
+from voicebus.workers.sentences import split_clauses
 from voicebus.workers.kinds import (
     AsrFinal,
     LlmDone,
@@ -208,9 +209,11 @@ class Speaker(Actor):
             turn, index, text = item
             if self._is_stopped(turn):
                 continue
+            # The first sentence of a turn goes out clause by clause: the user hears it sooner.
+            pieces = split_clauses(text) if index == 0 else [text]
             try:
                 total = 0
-                for pcm in self.synth.synthesize(text):
+                for pcm in (pcm for piece in pieces for pcm in self.synth.synthesize(piece)):
                     if self._is_stopped(turn):
                         break
                     total += len(pcm)
@@ -303,5 +306,6 @@ def latencies(t: dict[str, float]) -> dict[str, float]:
     span("asr_final" if "asr_final" in t else "request", "first_sentence", "first_sentence_s")
     span("first_sentence", "first_audio", "first_audio_s")
     span("vad_end", "first_audio", "total_s")
+    span("speech_end", "first_audio", "speech_end_to_audio_s")
     span("request", "first_audio", "request_to_audio_s")
     return out

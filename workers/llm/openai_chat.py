@@ -74,8 +74,11 @@ class _HttpChat:
         max_retries: int,
         backoff_s: float,
         max_wait_s: float,
+        temperature: float | None = None,
     ) -> None:
         self._openai = openai
+        self.temperature = temperature
+        """None: the server's default"""
         self._client = client
         self.model = model
         self.where = where
@@ -121,8 +124,9 @@ class _HttpChat:
         for attempt in range(self.max_retries + 1):
             hint: float | None = None
             try:
+                sampling = {} if self.temperature is None else {"temperature": self.temperature}
                 return self._client.chat.completions.create(
-                    model=self.model, messages=messages, stream=True, max_tokens=max_tokens
+                    model=self.model, messages=messages, stream=True, max_tokens=max_tokens, **sampling
                 )
             except self._openai.APITimeoutError as exc:
                 raise self._timeout_error() from exc
@@ -246,6 +250,7 @@ class OpenAIChat(_HttpChat):
         context_tokens: int = 8192,
         backoff_s: float = 0.5,
         max_wait_s: float = 10.0,
+        temperature: float | None = None,
     ) -> None:
         """Configure the client; nothing is sent until ``stream``.
 
@@ -276,6 +281,7 @@ class OpenAIChat(_HttpChat):
             max_retries=max_retries,
             backoff_s=backoff_s,
             max_wait_s=max_wait_s,
+            temperature=temperature,
         )
 
 
@@ -299,6 +305,7 @@ class AzureOpenAIChat(_HttpChat):
         context_tokens: int = 8192,
         backoff_s: float = 0.5,
         max_wait_s: float = 10.0,
+        temperature: float | None = None,
     ) -> None:
         """Configure the client; nothing is sent until ``stream``.
 
@@ -335,6 +342,7 @@ class AzureOpenAIChat(_HttpChat):
             max_retries=max_retries,
             backoff_s=backoff_s,
             max_wait_s=max_wait_s,
+            temperature=temperature,
         )
 
 
