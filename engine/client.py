@@ -35,6 +35,7 @@ from voicebus.engine.security import Security
 ERROR_REPORT_INTERVAL_S = 1.0
 ZERO_COPY_BYTES = 64 * 1024
 """Payloads at least this big are sent without copying (pyzmq's own copy threshold)."""
+_SNDMORE, _RCVMORE, _NOBLOCK = int(zmq.SNDMORE), int(zmq.RCVMORE), int(zmq.NOBLOCK)
 
 
 def source_name(name: str) -> str:
@@ -110,9 +111,11 @@ class BusClient:
                 raise RuntimeError("bus client is closed")
             self._seq += 1
             env = new_envelope(kind, self.src, self._seq, time.time(), session or self.session, turn, body)
-            frames = encode(env)
-            # Zero-copy only pays for big frames; for small ones its bookkeeping costs ~2 µs a message.
-            self._pub.send_multipart(frames, copy=len(frames[1]) < ZERO_COPY_BYTES)
+            topic, payload = encode(env)
+            # Two plain sends: send_multipart's checks cost ~1.5 µs a message. Zero-copy only
+            # pays for big frames; for small ones its bookkeeping costs more than the copy.
+            self._pub.send(topic, _SNDMORE)
+            self._pub.send(payload, copy=len(payload) < ZERO_COPY_BYTES)
             self.counters["sent"] += 1
         return env
 
@@ -150,7 +153,7 @@ class BusClient:
                 self._sub.setsockopt(zmq.RCVTIMEO, wait_ms)
                 self._rcvtimeo = wait_ms
             try:
-                frames = self._sub.recv_multipart()
+                frames = self._recv_frames(0)
             except zmq.Again:
                 return None
             env = self._decode(frames)
@@ -168,12 +171,20 @@ class BusClient:
             return self._pending.popleft()
         while True:
             try:
-                frames = self._sub.recv_multipart(zmq.NOBLOCK)
+                frames = self._recv_frames(_NOBLOCK)
             except zmq.Again:
                 return None
             env = self._decode(frames)
             if env is not None:
                 return env
+
+    def _recv_frames(self, flags: int) -> list[bytes]:
+        """``recv_multipart`` without its per-call overhead (~1 µs); the rest of a message is always there."""
+        sub = self._sub
+        frames = [sub.recv(flags)]
+        while sub.getsockopt(_RCVMORE):
+            frames.append(sub.recv())
+        return frames
 
     def _decode(self, frames: list[bytes]) -> Envelope | None:
         self.counters["received"] += 1

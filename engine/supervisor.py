@@ -26,6 +26,8 @@ from voicebus.engine.spawner import Child, WorkerSpec, describe_exit
 TICK_S = 0.05
 BUS_PROBE_S = 0.5
 """How often the supervisor sends its own heartbeat through the bus to see that the bus still passes messages."""
+BUS_FRESH_S = 1.5
+"""Workers' heartbeats are judged only while our own probe has come back within this."""
 FIRST_HEARTBEAT_GRACE_S = 15.0
 """A new child may take this long (interpreter, imports, bus handshake) before its first heartbeat."""
 
@@ -232,10 +234,14 @@ class Supervisor:
     def _check_heartbeats(self) -> None:
         now = time.monotonic()
         timeout = self.settings.heartbeat_timeout_s
-        if now - max(self._last_echo, self._grace_until) > timeout:
-            # No heartbeat can cross a bus that passes nothing (hung, stopped, unreachable):
-            # repair the bus if it is ours, and don't blame the workers for its silence.
+        bus_quiet = now - max(self._last_echo, self._grace_until)
+        if bus_quiet > BUS_FRESH_S:
+            # Our own probe has not come back lately, so a worker's silence may be the bus's:
+            # judge workers only on time the bus demonstrably passed messages. A bus that
+            # passes nothing for the whole timeout (hung, stopped) is repaired if it is ours.
             self._bus_silent_until = now
+            if bus_quiet <= timeout:
+                return
             bus = self.bus_slot.child if self.bus_slot else None
             if bus is not None and bus.poll() is None:
                 self.view.event(f"the bus (pid {bus.pid}) passed nothing for {timeout:.0f} s; killing it")
