@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import click
 
 from voicebus.cli import bus_cmd, doctor, keys, talk, tap, up, worker
@@ -23,6 +25,8 @@ for command in (up.up, worker.worker, bus_cmd.bus, tap.tap, keys.keys, talk.ask,
 
 
 def main() -> None:
+    # Library warnings (an insecure bus, say) reach the user as one plain line on stderr.
+    logging.basicConfig(level=logging.WARNING, format="voicebus: %(message)s")
     cli(prog_name="voicebus")
 
 
