@@ -230,3 +230,34 @@ def test_thinker_restart_keeps_the_conversation(tmp_path, start_up):
     db = sqlite3.connect(tmp_path / "state" / "conversation.sqlite")
     users = [text for (text,) in db.execute("SELECT text FROM messages WHERE role='user' ORDER BY turn")]
     assert users == ["My name is Alice.", "What is my name?"]
+
+
+def test_network_bus_requires_keys_end_to_end(tmp_path):
+    """A bus on a network address: workers and an allowed client use CurveZMQ; a stranger is refused."""
+    keys = tmp_path / "keys"
+    env = {**os.environ, "VOICEBUS_STATE_DIR": str(tmp_path / "state"), "VOICEBUS_BUS_KEYS_DIR": str(keys)}
+    url = f"tcp://0.0.0.0:{free_port_pair('0.0.0.0')}"
+    voicebus = [sys.executable, "-m", "voicebus.cli.main"]
+    refused = subprocess.run([*voicebus, "up", "--bus", url, "--input", "none", "--output", "none"],
+                             env=env, capture_output=True, text=True, timeout=30)
+    assert refused.returncode == 1 and "keys init" in refused.stderr
+    subprocess.run([*voicebus, "keys", "init", "--keys", str(keys)], check=True, capture_output=True, env=env)
+    up = subprocess.Popen([*voicebus, "up", "--bus", url, "--input", "none", "--output", "none"],
+                          env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while True:  # the workers may still be loading: ask until the thinker answers
+            answer = subprocess.run([*voicebus, "ask", "Hello!", "--bus", url, "--timeout", "20"],
+                                    env=env, capture_output=True, text=True, timeout=40)
+            if answer.returncode == 0 or time.monotonic() > deadline:
+                break
+        assert answer.returncode == 0 and answer.stdout.strip(), answer.stderr
+        stranger = tmp_path / "stranger"
+        subprocess.run([*voicebus, "keys", "init", "--keys", str(stranger)], check=True, capture_output=True)
+        (stranger / "bus.key").write_bytes((keys / "bus.key").read_bytes())
+        denied = subprocess.run([*voicebus, "ask", "Hello?", "--bus", url, "--keys", str(stranger), "--timeout", "3"],
+                                env=env, capture_output=True, text=True, timeout=40)
+        assert denied.returncode == 1 and "key allowed" in denied.stderr, denied.stderr
+    finally:
+        up.send_signal(signal.SIGINT)
+        up.wait(timeout=15)
