@@ -19,17 +19,12 @@ from typing import Protocol
 
 from voicebus.engine.client import BusClient
 from voicebus.engine.messages import Envelope, Error, Exited, GaveUp, Heartbeat, Restarting, Shutdown, Started
+from voicebus.engine.health import PROBE_S, HealthMonitor
 from voicebus.engine.restart_policy import RestartPolicy
 from voicebus.engine.settings import SupervisorSettings
 from voicebus.engine.spawner import Child, WorkerSpec, describe_exit
 
 TICK_S = 0.05
-BUS_PROBE_S = 0.5
-"""How often the supervisor sends its own heartbeat through the bus to see that the bus still passes messages."""
-BUS_FRESH_S = 1.5
-"""Workers' heartbeats are judged only while our own probe has come back within this."""
-FIRST_HEARTBEAT_GRACE_S = 15.0
-"""A new child may take this long (interpreter, imports, bus handshake) before its first heartbeat."""
 
 
 @dataclass
@@ -58,8 +53,6 @@ class Slot:
         self.child: Child | None = None
         self.state = "starting"
         self.restart_at: float | None = None
-        self.last_heartbeat = 0.0
-        self.heard = False
         self.last_error = ""
 
     def status(self) -> ChildStatus:
@@ -97,13 +90,10 @@ class Supervisor:
         self._stop_reason = ""
         self.exit_code = 0
         self.failure = ""
-        self._grace_until = 0.0
+        self.health = HealthMonitor(settings.heartbeat_timeout_s)
         self._started = time.monotonic()
-        self._last_echo = 0.0
-        """When our own heartbeat last came back through the bus."""
         self._next_probe = 0.0
-        self._bus_silent_since: float | None = None
-        self._bus_silent_until = 0.0
+        self._reported_quiet_bus = False
         """The last moment the bus was found silent: workers' heartbeats are judged from then on."""
 
     def _policy(self) -> RestartPolicy:
@@ -130,7 +120,7 @@ class Supervisor:
             if self.client is not None:
                 for slot in self.slots:
                     self._spawn(slot)
-                self._grace_until = self._last_echo = time.monotonic()
+                self.health.bus_up(time.monotonic())
                 while not self._stop.is_set():
                     self._step()
         finally:
@@ -174,12 +164,11 @@ class Supervisor:
     def _on_message(self, env: Envelope) -> None:
         body = env.body
         if self.client is not None and env.src == self.client.src:
-            self._last_echo = time.monotonic()  # our probe came back: the bus passes messages
+            self.health.echoed(time.monotonic())  # our probe came back: the bus passes messages
         if isinstance(body, Heartbeat):
             slot = self._slot_by_pid(body.pid)
             if slot is not None:
-                slot.last_heartbeat = time.monotonic()
-                slot.heard = True
+                self.health.heartbeat(body.pid, time.monotonic())
                 if slot.state != "restarting":
                     slot.state = body.state
         elif isinstance(body, Error):
@@ -206,6 +195,7 @@ class Supervisor:
                 continue
             child.wait_output()
             slot.child = None
+            self.health.forget(child.pid)
             returncode, sig = describe_exit(code)
             self._publish(Exited(worker=slot.spec.name, pid=child.pid, returncode=returncode, signal=sig))
             if self._stop.is_set():
@@ -227,39 +217,29 @@ class Supervisor:
     def _probe_bus(self) -> None:
         now = time.monotonic()
         if now >= self._next_probe:
-            self._next_probe = now + BUS_PROBE_S
+            self._next_probe = now + PROBE_S
             uptime = round(now - self._started, 3)
             self._publish(Heartbeat(name="supervisor", pid=os.getpid(), uptime=uptime, state="ready"))
 
     def _check_heartbeats(self) -> None:
-        now = time.monotonic()
+        verdict = self.health.check(time.monotonic())
         timeout = self.settings.heartbeat_timeout_s
-        bus_quiet = now - max(self._last_echo, self._grace_until)
-        if bus_quiet > BUS_FRESH_S:
-            # Our own probe has not come back lately, so a worker's silence may be the bus's:
-            # judge workers only on time the bus demonstrably passed messages. A bus that
-            # passes nothing for the whole timeout (hung, stopped) is repaired if it is ours.
-            self._bus_silent_until = now
-            if bus_quiet <= timeout:
-                return
+        if verdict.bus_hung:
             bus = self.bus_slot.child if self.bus_slot else None
             if bus is not None and bus.poll() is None:
+                # Ours, and it passes nothing (hung, stopped): repair the bus, not the workers.
                 self.view.event(f"the bus (pid {bus.pid}) passed nothing for {timeout:.0f} s; killing it")
                 self.bus_slot.last_error = f"passed nothing for {timeout:.0f} s"
                 bus.kill()
-            elif self.bus_slot is None and self._bus_silent_since is None:
+            elif self.bus_slot is None and not self._reported_quiet_bus:
                 self.view.event(f"no answer through the bus for {timeout:.0f} s; waiting for it")
-            if self._bus_silent_since is None:
-                self._bus_silent_since = now
-            return
-        self._bus_silent_since = None
+                self._reported_quiet_bus = True
+        if not verdict.bus_quiet:
+            self._reported_quiet_bus = False
         for slot in self.slots:
             child = slot.child
-            if child is None or not slot.spec.heartbeats:
-                continue
-            since = max(slot.last_heartbeat, self._grace_until, self._bus_silent_until)
-            limit = timeout if slot.heard else max(timeout, FIRST_HEARTBEAT_GRACE_S)
-            if now - max(since, child.started) > limit:
+            if child is not None and child.pid in verdict.stale:
+                limit = verdict.stale[child.pid]
                 self.view.event(f"{slot.spec.name} (pid {child.pid}) sent no heartbeat for {limit:.0f} s; killing it")
                 slot.last_error = f"no heartbeat for {limit:.0f} s"
                 child.kill()
@@ -272,14 +252,14 @@ class Supervisor:
                 self._spawn(slot)
                 if slot is self.bus_slot:
                     # Workers lose the bus while it restarts; give their heartbeats time to resume.
-                    self._grace_until = now + 2.0
+                    self.health.bus_up(now, restarted=True)
 
     def _spawn(self, slot: Slot) -> None:
         slot.child = Child(slot.spec, self.view.child_line)
         # The bus sends no heartbeats; our own connection (re)proves it, so it counts as running.
         slot.state = "starting" if slot.spec.heartbeats else "running"
-        slot.heard = False
-        slot.last_heartbeat = 0.0
+        if slot.spec.heartbeats:
+            self.health.started(slot.child.pid, time.monotonic())
         if slot is not self.bus_slot:
             self._publish(Started(worker=slot.spec.name, pid=slot.child.pid))
 

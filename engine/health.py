@@ -1,0 +1,73 @@
+"""Who is unwell: the bus, or a worker — decided from heartbeats and the supervisor's own echo.
+
+The supervisor publishes a heartbeat of its own every ``PROBE_S``; when it
+comes back, the bus demonstrably passes messages. A worker's silence counts
+against it only over time the bus was passing messages — otherwise a hung bus
+would look like every worker hanging at once, and healthy workers would be
+killed while the real culprit stayed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+PROBE_S = 0.5
+"""How often the supervisor sends its own heartbeat through the bus."""
+FRESH_S = 1.5
+"""An echo younger than this means the bus is passing messages now."""
+FIRST_HEARTBEAT_GRACE_S = 15.0
+"""A new child may take this long (interpreter, imports, bus handshake) before its first heartbeat."""
+BUS_RESTART_GRACE_S = 2.0
+"""After the bus restarts, workers get this long to reconnect before silence counts."""
+
+
+@dataclass
+class Verdict:
+    bus_hung: bool = False
+    """the bus passed nothing for the whole timeout"""
+    bus_quiet: bool = False
+    """the bus passed nothing lately: workers are not judged now"""
+    stale: dict[int, float] = field(default_factory=dict)
+    """pid → the silence limit it exceeded"""
+
+
+@dataclass
+class HealthMonitor:
+    timeout_s: float
+    _last_echo: float = 0.0
+    _grace_until: float = 0.0
+    _bus_silent_until: float = 0.0
+    _heartbeats: dict[int, float] = field(default_factory=dict)
+    _started: dict[int, float] = field(default_factory=dict)
+
+    def bus_up(self, now: float, *, restarted: bool = False) -> None:
+        """The bus is (back) up: start counting from ``now`` (plus a grace after a restart)."""
+        self._last_echo = now
+        self._grace_until = now + (BUS_RESTART_GRACE_S if restarted else 0.0)
+
+    def echoed(self, now: float) -> None:
+        self._last_echo = now
+
+    def started(self, pid: int, now: float) -> None:
+        self._started[pid] = now
+
+    def heartbeat(self, pid: int, now: float) -> None:
+        self._heartbeats[pid] = now
+
+    def forget(self, pid: int) -> None:
+        self._heartbeats.pop(pid, None)
+        self._started.pop(pid, None)
+
+    def check(self, now: float) -> Verdict:
+        quiet = now - max(self._last_echo, self._grace_until)
+        if quiet > FRESH_S:
+            self._bus_silent_until = now
+            return Verdict(bus_hung=quiet > self.timeout_s, bus_quiet=True)
+        verdict = Verdict()
+        for pid, started in self._started.items():
+            heard = self._heartbeats.get(pid)
+            limit = self.timeout_s if heard is not None else max(self.timeout_s, FIRST_HEARTBEAT_GRACE_S)
+            since = max(heard or 0.0, started, self._grace_until, self._bus_silent_until)
+            if now - since > limit:
+                verdict.stale[pid] = limit
+        return verdict
