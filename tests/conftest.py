@@ -14,6 +14,7 @@ from voicebus.engine.messages import Envelope
 from voicebus.engine.security import Security
 
 import voicebus.workers.kinds  # noqa: F401  (registers the voice kinds)
+from support.openai_server import scripted  # noqa: F401  (a fixture: a misbehaving OpenAI-compatible server)
 
 
 @pytest.fixture

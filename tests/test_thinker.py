@@ -109,3 +109,22 @@ def test_unreachable_endpoint_is_an_audible_error_not_a_crash(run_thinker, make_
         assert error.body.code == "connection" and error.body.transient
         assert [e.body.text for e in seen if e.kind == "llm.sentence"] == [APOLOGY]
         assert seen[-1].body.finish_reason == "error"
+
+
+@pytest.mark.parametrize("scenario, code, spoken_before", [
+    ("filtered", "content_filter", True),   # the answer stops with finish_reason content_filter
+    ("reject", "content_filter", False),    # the prompt itself is refused (HTTP 400)
+    ("auth", "auth", False),                # a bad key (HTTP 401)
+])
+def test_service_refusals_are_errors_with_an_apology(run_thinker, make_client, scripted, scenario, code, spoken_before):
+    url, _ = scripted
+    client = make_client("test", subscribe=("llm.", "sys.ready"))
+    run_thinker(backend="openai", base_url=f"{url}/v1", api_key="k", model=f"{scenario}-thinker", timeout_s=5.0)
+    ready(client)
+    turn = new_turn_id()
+    client.publish(Ask(text="Say hello."), turn=turn)
+    seen = answer(client, turn)
+    assert next(e for e in seen if e.kind == "llm.error").body.code == code
+    sentences = [e.body.text for e in seen if e.kind == "llm.sentence"]
+    assert sentences[-1] == APOLOGY and (len(sentences) > 1) == spoken_before
+    assert seen[-1].body.finish_reason == "error"

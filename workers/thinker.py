@@ -199,17 +199,12 @@ class Thinker(Actor):
                 self.bus.publish(LlmToken(text=piece, index=tokens - 1), turn=job.turn)
                 emit(cutter.feed(piece))
             if finish != "cancelled":
-                emit(cutter.flush())
+                emit(cutter.flush())  # what arrived passed the service's filters
+            if finish == "content_filter":
+                raise BackendError("the service's content filter withheld the rest of the answer", code="content_filter")
         except BackendError as exc:
             finish = "error"
-            self.bus.publish(LlmError(code=exc.code, message=str(exc), transient=exc.transient), turn=job.turn)
-            with self._lock:
-                # The apology is spoken but is no answer: the history keeps what came before it.
-                if answer.spoken is None:
-                    answer.spoken = " ".join(answer.sentences)
-                index = len(answer.sentences)
-                answer.sentences.append(APOLOGY)
-            self.bus.publish(LlmSentence(text=APOLOGY, index=index), turn=job.turn)
+            self._apologize(job.turn, answer, exc)
         if job.cancel.is_set():
             finish = "cancelled"
         timings["done"] = time.time()
@@ -225,6 +220,17 @@ class Thinker(Actor):
             LlmDone(finish_reason=finish, sentences=len(answer.sentences), text="".join(pieces), timings=timings),
             turn=job.turn,
         )
+
+    def _apologize(self, turn: int, answer: Answer, exc: BackendError) -> None:
+        """llm.error with the reason, and a short spoken apology: the conversation goes on."""
+        self.bus.publish(LlmError(code=exc.code, message=str(exc), transient=exc.transient), turn=turn)
+        with self._lock:
+            # The apology is spoken but is no answer: the history keeps what came before it.
+            if answer.spoken is None:
+                answer.spoken = " ".join(answer.sentences)
+            index = len(answer.sentences)
+            answer.sentences.append(APOLOGY)
+        self.bus.publish(LlmSentence(text=APOLOGY, index=index), turn=turn)
 
     def _prompt(self) -> list[dict[str, str]]:
         """System prompt and as much recent history as fits beside the answer."""
