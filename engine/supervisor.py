@@ -123,6 +123,7 @@ class Supervisor:
                 self.health.bus_up(time.monotonic())
                 while not self._stop.is_set():
                     self._step()
+                self.view.event(f"stopping: {self._stop_reason}")
         finally:
             self._shutdown()
         return self.exit_code
