@@ -26,6 +26,7 @@ from typing import Any, TypeVar
 
 from voicebus.engine.bus import DEFAULT_BUS
 from voicebus.engine.errors import ConfigError
+from voicebus.engine.messages import MAX_MESSAGE_BYTES
 
 T = TypeVar("T")
 RESOLVED_ENV = "VOICEBUS_SETTINGS_JSON"
@@ -51,7 +52,7 @@ class BusSettings:
     security: str = "auto"
     """auto (CurveZMQ unless on loopback) | curve | insecure"""
     keys_dir: Path = Path("~/.config/voicebus/keys")
-    max_message_bytes: int = 4 * 1024 * 1024
+    max_message_bytes: int = MAX_MESSAGE_BYTES
 
 
 @dataclass(frozen=True)

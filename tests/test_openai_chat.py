@@ -422,3 +422,17 @@ def test_llama_server_cancel_stops_within_a_piece_and_the_server_goes_on(llama_c
     pieces, finish = drain(llama_chat.stream(HELLO, max_tokens=8, cancel=threading.Event()))
     assert pieces and finish in ("stop", "length")
     assert time.monotonic() - started < 10
+
+
+def test_warm_up_only_asks_a_server_on_this_machine(make_chat, scripted) -> None:
+    chat = make_chat("ok-warm")
+    chat.warm_up(HELLO)
+    (request,) = scripted[1].seen("ok-warm")
+    assert request.body["max_tokens"] == 1 and request.body["messages"] == HELLO
+    # A remote host gets no request: a try would take seconds of retries (the name does not resolve).
+    remote = OpenAIChat(base_url="http://api.example.invalid/v1", api_key="k", model="m", backoff_s=5.0)
+    start = time.monotonic()
+    remote.warm_up(HELLO)
+    assert time.monotonic() - start < 1.0
+    remote.close()
+    make_chat("auth-warm").warm_up(HELLO)  # a failing local server is not fatal at load

@@ -81,7 +81,7 @@ class Thinker(Actor):
             self.settings.llm.system_prompt,
         )
         warm_up = getattr(self.chat, "warm_up", None)
-        if warm_up is not None:  # only local models have one: a remote warm-up would cost a request
+        if warm_up is not None:  # local models, and servers on this machine: a remote one would cost a request
             warm_up(self._prompt())
         self._thread = threading.Thread(target=self._generate_loop, name="thinker-generate", daemon=True)
         self._thread.start()

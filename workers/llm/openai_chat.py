@@ -41,6 +41,7 @@ import threading
 import time
 from collections.abc import Callable, Generator, Iterator
 from types import ModuleType
+from urllib.parse import urlsplit
 from typing import Any
 
 from voicebus.engine.errors import BackendError, ConfigError, require_module
@@ -112,6 +113,21 @@ class _HttpChat:
             # Also on cancel and GeneratorExit: frees the connection and tells
             # the server to stop generating for nobody.
             chunks.close()
+
+    def warm_up(self, messages: list[Message]) -> None:
+        """On a server on this machine, have it evaluate the prompt once (it caches the prefix).
+
+        A remote service is left alone: there a warm-up would cost a paid request.
+        A server that fails now is not fatal; the first real turn reports it.
+        """
+        host = urlsplit(self.where).hostname or ""
+        if host not in ("localhost", "127.0.0.1", "::1"):
+            return
+        try:
+            for _ in self.stream(messages, max_tokens=1, cancel=threading.Event()):
+                pass
+        except BackendError:
+            pass
 
     def close(self) -> None:
         """Close the HTTP connection pool."""
