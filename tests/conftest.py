@@ -15,6 +15,7 @@ from voicebus.engine.security import Security
 
 import voicebus.workers.kinds  # noqa: F401  (registers the voice kinds)
 from support.openai_server import scripted  # noqa: F401  (a fixture: a misbehaving OpenAI-compatible server)
+from support.procs import launcher  # noqa: F401  (a fixture: voicebus up processes, always cleaned up)
 
 
 @pytest.fixture

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import time
 from dataclasses import dataclass
 
@@ -24,7 +22,7 @@ from voicebus.engine.restart_policy import RestartPolicy
 from voicebus.engine.settings import SupervisorSettings
 
 from support.fuzz import RawPublisher, bad_frames, packed, random_frames
-from support.procs import WORKER_NAMES, BusWatcher, Launcher, Up, clean_env, gone, poll
+from support.procs import WORKER_NAMES, BusWatcher, Launcher, Up, ask, gone, poll
 
 # --- the restart policy alone ----------------------------------------------------------------
 
@@ -80,13 +78,6 @@ class Stack:
     url: str
 
 
-@pytest.fixture
-def launcher(tmp_path):
-    running = Launcher(tmp_path)
-    yield running
-    running.cleanup()
-
-
 def new_bus_url() -> str:
     return f"tcp://127.0.0.1:{free_port_pair()}"
 
@@ -104,13 +95,6 @@ def start_stack(launcher: Launcher, *extra: str, **env: str) -> Stack:
 def stack(launcher) -> Stack:
     """A whole ``voicebus up`` without audio, every worker ready."""
     return start_stack(launcher)
-
-
-def ask(url: str, text: str, tmp_path, timeout: float = 90) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "voicebus.cli.main", "ask", text, "--bus", url, "--timeout", str(int(timeout))],
-        env=clean_env(tmp_path), capture_output=True, text=True, timeout=timeout + 30,
-    )
 
 
 def pid_of(src: str) -> int:

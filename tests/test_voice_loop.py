@@ -11,12 +11,13 @@ import time
 from pathlib import Path
 
 import numpy as np
-import psutil
 import pytest
 
 from voicebus.engine.bus import Endpoints, free_port_pair
 from voicebus.engine.client import BusClient
 from voicebus.workers.audio import read_wav, write_wav
+
+from support.procs import ask
 
 pytestmark = pytest.mark.slow
 
@@ -71,73 +72,22 @@ def recognize(recognizer, path: Path) -> str:
     return recognizer.end().text
 
 
-class Up:
-    """``voicebus up`` as a child process, always cleaned up."""
-
-    def __init__(self, tmp_path: Path, *args: str) -> None:
-        self.port = free_port_pair()
-        self.url = f"tcp://127.0.0.1:{self.port}"
-        self.env = {**os.environ, "VOICEBUS_STATE_DIR": str(tmp_path / "state")}
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "voicebus.cli.main", "up", "--bus", self.url, *args],
-            env=self.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
-        )
-
-    def client(self, *prefixes: str, timeout: float = 30) -> BusClient:
-        """A bus client proven connected; ZeroMQ keeps reconnecting while the bus child starts."""
-        client = BusClient(Endpoints.parse(self.url), name="test")
-        client.subscribe(*prefixes)
-        try:
-            client.announce(timeout=timeout)
-        except ConnectionError:
-            client.close()
-            raise AssertionError(self.output()) from None
-        return client
-
-    def ask(self, text: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "voicebus.cli.main", "ask", text, "--bus", self.url, "--timeout", str(timeout)],
-            env=self.env, capture_output=True, text=True, timeout=timeout + 10,
-        )
-
-    def wait(self, timeout: float) -> tuple[int, str, str]:
-        out, err = self.proc.communicate(timeout=timeout)
-        return self.proc.returncode, out, err
-
-    def output(self) -> str:
-        if self.proc.poll() is None:
-            self.stop()
-        out, err = self.proc.communicate()
-        return f"stdout:\n{out}\nstderr:\n{err}"
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-
-    def children(self) -> list[psutil.Process]:
-        return psutil.Process(self.proc.pid).children(recursive=True)
+def start(launcher, *args: str):
+    """``voicebus up`` on a bus of its own; returns the process and the bus URL."""
+    url = f"tcp://127.0.0.1:{free_port_pair()}"
+    return launcher.up("--bus", url, *args), url
 
 
-@pytest.fixture
-def start_up(tmp_path):
-    started: list[Up] = []
-
-    def start(*args: str) -> Up:
-        up = Up(tmp_path, *args)
-        started.append(up)
-        return up
-
-    yield start
-    for up in started:
-        leftover = up.children() if up.proc.poll() is None else []
-        up.stop()
-        for child in leftover:
-            if child.is_running():
-                child.kill()
+def connect(url: str, *prefixes: str, timeout: float = 30) -> BusClient:
+    """A bus client proven connected; ZeroMQ keeps reconnecting while the bus child starts."""
+    client = BusClient(Endpoints.parse(url), name="test")
+    client.subscribe(*prefixes)
+    try:
+        client.announce(timeout=timeout)
+    except ConnectionError:
+        client.close()
+        raise
+    return client
 
 
 def collect(client: BusClient, until, timeout: float) -> list:
@@ -153,12 +103,12 @@ def collect(client: BusClient, until, timeout: float) -> list:
     return seen
 
 
-def test_files_in_files_out(tmp_path, start_up, voice, recognizer):
+def test_files_in_files_out(tmp_path, launcher, voice, recognizer):
     question = speech_wav(voice, tmp_path / "question.wav", [0.5, "What is the capital of France?", 1.5])
     answer = tmp_path / "answer.wav"
-    up = start_up("--input", str(question), "--output", str(answer), "--fast")
-    code, out, err = up.wait(timeout=120)
-    assert code == 0, f"{out}\n{err}"
+    up, _ = start(launcher, "--input", str(question), "--output", str(answer), "--fast")
+    code, out = up.wait(timeout=120), up.stdout()
+    assert code == 0, f"{out}\n{up.stderr()}"
     heard = [line[len("You: "):] for line in out.splitlines() if line.startswith("You: ")]
     said = " ".join(line[len("Assistant: "):] for line in out.splitlines() if line.startswith("Assistant: "))
     assert len(heard) == 1 and overlap("what is the capital of france", heard[0]) >= 0.8, out
@@ -171,23 +121,23 @@ def test_files_in_files_out(tmp_path, start_up, voice, recognizer):
     assert overlap(said, recognize(recognizer, answer)) >= 0.4, (said, recognize(recognizer, answer))
 
 
-def test_missing_input_file_is_one_clear_line(tmp_path, start_up):
-    up = start_up("--input", str(tmp_path / "nope.wav"), "--output", "none")
-    code, out, err = up.wait(timeout=30)
+def test_missing_input_file_is_one_clear_line(tmp_path, launcher):
+    up, _ = start(launcher, "--input", str(tmp_path / "nope.wav"), "--output", "none")
+    code, err = up.wait(timeout=30), up.stderr()
     assert code == 1
     assert "nope.wav" in err and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1, err
 
 
-def test_barge_in_interrupts_the_reply_and_starts_a_new_turn(tmp_path, start_up, voice):
+def test_barge_in_interrupts_the_reply_and_starts_a_new_turn(tmp_path, launcher, voice):
     # The second question starts about 2.5 s after the first ends: the first reply
     # (a story, several seconds long) is playing then.
     question = speech_wav(
         voice, tmp_path / "barge.wav",
         [0.5, "Tell me a long story about a brave knight and a dragon.", 2.5, "What is two plus two?", 3.0],
     )
-    up = start_up("--input", str(question), "--output", str(tmp_path / "answer.wav"))
-    client = up.client("play.", "metrics.turn", "asr.final", "ctl.interrupt", "llm.done")
+    up, url = start(launcher, "--input", str(question), "--output", str(tmp_path / "answer.wav"))
+    client = connect(url, "play.", "metrics.turn", "asr.final", "ctl.interrupt", "llm.done")
     try:
         seen = collect(client, lambda s: sum(e.kind == "metrics.turn" for e in s) >= 2, timeout=90)
     finally:
@@ -198,34 +148,33 @@ def test_barge_in_interrupts_the_reply_and_starts_a_new_turn(tmp_path, start_up,
     stopped = [e for e in seen if e.kind == "play.stopped" and e.turn == first_turn]
     assert stopped, [(e.kind, e.turn) for e in seen]
     assert len({e.turn for e in finals}) == 2
-    code, out, err = up.wait(timeout=60)
-    assert code == 0, err
+    assert up.wait(timeout=60) == 0, up.stderr()
     # The history keeps only what was spoken of the interrupted answer.
-    db = sqlite3.connect(tmp_path / "state" / "conversation.sqlite")
+    db = sqlite3.connect(tmp_path / "state-up" / "conversation.sqlite")
     rows = db.execute("SELECT turn, role, text FROM messages ORDER BY turn, role").fetchall()
     answers = {turn: text for turn, role, text in rows if role == "assistant"}
     done = next(e for e in seen if e.kind == "llm.done" and e.turn == first_turn)
     assert len(answers[first_turn]) < len(done.body.text), (answers[first_turn], done.body.text)
 
 
-def test_thinker_restart_keeps_the_conversation(tmp_path, start_up):
-    up = start_up("--input", "none", "--output", "none")
-    client = up.client("sys.ready", "sup.")
+def test_thinker_restart_keeps_the_conversation(tmp_path, launcher):
+    up, url = start(launcher, "--input", "none", "--output", "none")
+    client = connect(url, "sys.ready", "sup.")
     try:
         readies = collect(client, lambda s: {e.body.name for e in s if e.kind == "sys.ready"} >= {"thinker", "speaker"}, 60)
-        first = up.ask("My name is Alice.")
+        first = ask(url, "My name is Alice.", tmp_path)
         assert first.returncode == 0 and first.stdout.strip(), first.stderr
         thinker_pid = next(e.body.pid for e in readies if e.kind == "sys.ready" and e.body.name == "thinker")
         os.kill(thinker_pid, signal.SIGKILL)
         # Asked while the thinker is down: the question waits and is answered when it is back.
-        second = up.ask("What is my name?")
+        second = ask(url, "What is my name?", tmp_path)
         assert second.returncode == 0 and second.stdout.strip(), second.stderr
         restarted = collect(client, lambda s: any(e.kind == "sys.ready" and e.body.name == "thinker" for e in s), 30)
         assert any(e.kind == "sys.ready" and e.body.pid != thinker_pid for e in restarted)
     finally:
         client.close()
-    up.stop()
-    db = sqlite3.connect(tmp_path / "state" / "conversation.sqlite")
+    assert up.interrupt() == 0
+    db = sqlite3.connect(tmp_path / "state-up" / "conversation.sqlite")
     users = [text for (text,) in db.execute("SELECT text FROM messages WHERE role='user' ORDER BY turn")]
     assert users == ["My name is Alice.", "What is my name?"]
 

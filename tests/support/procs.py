@@ -104,6 +104,12 @@ class Up:
     def stdout(self) -> str:
         return self.stdout_path.read_text(errors="replace")
 
+    def interrupt(self, timeout: float = 15) -> int:
+        """Ctrl-C, as a user would; the exit code."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+        return self.wait(timeout)
+
     def wait(self, timeout: float) -> int:
         try:
             return self.proc.wait(timeout)
@@ -125,6 +131,14 @@ class Up:
             self.proc.wait(10)
         except subprocess.TimeoutExpired:
             pass
+
+
+def ask(url: str, text: str, state_dir: Path, timeout: float = 90) -> subprocess.CompletedProcess[str]:
+    """``voicebus ask TEXT`` against the bus at ``url``."""
+    return subprocess.run(
+        [sys.executable, "-m", "voicebus.cli.main", "ask", text, "--bus", url, "--timeout", str(int(timeout))],
+        env=clean_env(state_dir), capture_output=True, text=True, timeout=timeout + 30,
+    )
 
 
 class Launcher:
@@ -225,3 +239,10 @@ class BusWatcher:
         self._stop.set()
         self._thread.join(2)
         self.client.close()
+
+
+@pytest.fixture
+def launcher(tmp_path: Path):
+    running = Launcher(tmp_path)
+    yield running
+    running.cleanup()
