@@ -20,7 +20,7 @@ import tomllib
 import types
 import typing
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -239,5 +239,5 @@ def expand(path: Path) -> Path:
 
 __all__ = [
     "BusSettings", "SupervisorSettings", "load", "to_env", "from_json", "to_json", "describe",
-    "env_names", "secret", "expand", "field",
+    "env_names", "secret", "expand",
 ]

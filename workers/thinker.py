@@ -38,7 +38,6 @@ def normalize(text: str) -> str:
 class Job:
     turn: int
     text: str
-    session: str
     received: float
     cancel: threading.Event = field(default_factory=threading.Event)
 
@@ -106,7 +105,7 @@ class Thinker(Actor):
             if self._current is not None:
                 self._current.cancel.set()
             self._queued.add(env.turn)
-        self._jobs.put(Job(env.turn, text, env.session, time.time()))
+        self._jobs.put(Job(env.turn, text, time.time()))
         self.bus.publish(LlmAccepted(queued=self._jobs.qsize() - 1), turn=env.turn)
 
     @handles("ctl.interrupt")
