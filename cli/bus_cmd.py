@@ -12,10 +12,13 @@ from voicebus.engine.bus import Bus
 
 
 @click.command()
-@click.option("--bind", metavar="tcp://HOST:PORT", help="Where to listen (publish port; subscribe is PORT+1). Same as --bus.")
+@click.option("--bind", metavar="ipc:///FOLDER|tcp://HOST:PORT", help="Where to listen. Same as --bus.")
 @bus_options
 def bus(bind: str | None, source: SettingsSource) -> None:
     """Run the message bus in the foreground until Ctrl-C or SIGTERM."""
+    given = source.flags.get("bus.url")
+    if bind and given and bind != given:
+        raise click.UsageError(f"--bind {bind} and --bus {given} disagree; give one of them")
     settings = source.load(bus__url=bind)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):

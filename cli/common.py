@@ -44,7 +44,8 @@ class SettingsSource:
     def load(self, **overrides: Any) -> Settings:
         """``overrides`` are keyed like "asr__backend" (section__field); None means not given."""
         merged = dict(self.flags)
-        merged.update({key.replace("__", "."): value for key, value in overrides.items()})
+        # A command's own flag left unset must not hide the shared one (``bus --bind`` vs ``--bus``).
+        merged.update({key.replace("__", "."): value for key, value in overrides.items() if value is not None})
         return load(Settings, config_file=self.config_file, overrides=merged)
 
 
@@ -53,10 +54,12 @@ def bus_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 
     @click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path),
                   help="TOML settings file (also VOICEBUS_CONFIG).")
-    @click.option("--bus", "bus_url", metavar="tcp://HOST:PORT",
-                  help="The bus (publish port; subscribe is PORT+1). Default tcp://127.0.0.1:7700 or VOICEBUS_BUS_URL.")
+    @click.option("--bus", "bus_url", metavar="ipc:///FOLDER|tcp://HOST:PORT",
+                  help="The bus: a private folder, or TCP (publish port; subscribe is PORT+1). Default: "
+                       "ipc://$XDG_RUNTIME_DIR/voicebus (else ipc:///tmp/voicebus-UID), or VOICEBUS_BUS_URL.")
     @click.option("--insecure", is_flag=True, default=None,
-                  help="Allow a bus reachable from the network without CurveZMQ keys (anyone can listen and inject).")
+                  help="Allow a TCP bus without CurveZMQ keys: anyone who can reach it (on loopback, any local "
+                       "user) can listen and inject.")
     @click.option("--keys", "keys_dir", type=click.Path(file_okay=False, path_type=Path),
                   help="CurveZMQ keys folder (default ~/.config/voicebus/keys).")
     @functools.wraps(fn)
@@ -74,8 +77,7 @@ def endpoints(settings: Settings) -> Endpoints:
 
 
 def security(settings: Settings) -> Security:
-    ep = endpoints(settings)
-    return Security.resolve(loopback=ep.is_loopback, keys_dir=expand(settings.bus.keys_dir), mode=settings.bus.security)
+    return Security.resolve(endpoints(settings), keys_dir=expand(settings.bus.keys_dir), mode=settings.bus.security)
 
 
 def make_client(settings: Settings, name: str) -> BusClient:

@@ -27,10 +27,16 @@ def latency_line(timings: dict[str, float]) -> str:
         return "–" if value is None else f"{value * 1000:.0f} ms"
 
     tail = f"first sentence {ms('first_sentence_s')} + first audio {ms('first_audio_s')}"
+    if "speculation_saved_s" in timings:
+        # The answer was prepared from a guess during the silence window: the stages overlapped.
+        saved = f"; answer prepared during the silence window: {ms('speculation_saved_s')} saved"
+        tail = f"final → first audio {ms('final_to_audio_s')}"
+    else:
+        saved = ""
     if "speech_end_to_audio_s" in timings:
         return (f"  [speech end → first audio {ms('speech_end_to_audio_s')} = silence window {ms('silence_s')}"
-                f" + ASR {ms('asr_s')} + {tail}]")
-    return f"  [request → first audio {ms('request_to_audio_s')} = {tail}]"
+                f" + ASR {ms('asr_s')} + {tail}{saved}]")
+    return f"  [request → first audio {ms('request_to_audio_s')} = {tail}{saved}]"
 
 
 class ConsoleView:
@@ -84,7 +90,10 @@ class ConsoleView:
     def _print(self, text: str, *, err: bool = False) -> None:
         if self.live:
             self.err.write("\r\x1b[2K")
-        print(text, file=self.err if err else self.out, flush=True)
+        # click.echo drops the colour codes when that stream is not a terminal (a log file, a pipe).
+        stream = self.err if err else self.out
+        click.echo(text, file=stream)
+        stream.flush()
         if self.live:
             self._draw_status()
 

@@ -1,4 +1,4 @@
-"""``voicebus keys``: CurveZMQ keys for a bus reachable from the network."""
+"""``voicebus keys``: CurveZMQ keys for a TCP bus (the default private-folder bus needs none)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ DEFAULT_KEYS = BusSettings().keys_dir
 
 @click.group()
 def keys() -> None:
-    """Create and authorise CurveZMQ keys (needed when the bus binds beyond loopback)."""
+    """Create and authorise CurveZMQ keys (needed for a TCP bus; the default local bus needs none)."""
 
 
 @keys.command("init")

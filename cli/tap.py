@@ -55,25 +55,55 @@ def as_json(env: Envelope) -> str:
     return json.dumps(record, default=default, ensure_ascii=False)
 
 
+HEARTBEAT = "sys.heartbeat"
+ANNOUNCE_S = 10.0
+
+
+class KindFilter:
+    """Which kinds the tap shows. Filtering happens here, not in the subscription:
+
+    a sender numbers all its messages in one sequence, so a tap subscribed to some
+    kinds only would see gaps that are not loss. Receiving everything keeps the loss
+    report exact under any filter, at the price of decoding what is not shown.
+    Heartbeats (most of the traffic on an idle bus) are shown only when asked for:
+    ``--heartbeats``, or a ``--kinds`` prefix that names them (``sys.``).
+    """
+
+    def __init__(self, prefixes: tuple[str, ...], heartbeats: bool) -> None:
+        self.prefixes = prefixes
+        self.heartbeats = heartbeats or any(HEARTBEAT.startswith(p) for p in prefixes)
+
+    def __call__(self, kind: str) -> bool:
+        if kind == HEARTBEAT and not self.heartbeats:
+            return False
+        return not self.prefixes or kind.startswith(self.prefixes)
+
+    def describe(self) -> str:
+        shown = ", ".join(self.prefixes) or "all kinds"
+        return shown if self.heartbeats or self.prefixes else f"{shown} but {HEARTBEAT}; --heartbeats shows them"
+
+
 @click.command()
 @click.option("--kinds", "prefixes", multiple=True, metavar="PREFIX",
               help="Only kinds starting with PREFIX (repeatable), e.g. --kinds asr. --kinds llm.sentence")
+@click.option("--heartbeats", is_flag=True, help="Show sys.heartbeat too (hidden unless a --kinds prefix names it).")
 @click.option("--json", "json_lines", is_flag=True, help="One JSON object per line (bytes shown as their length).")
 @click.option("--count", type=click.IntRange(min=1), help="Stop after N messages.")
-@click.option("--timeout", type=click.FloatRange(min=0), help="Stop after S seconds.")
+@click.option("--timeout", type=click.FloatRange(min=0), help="Stop after S seconds (connecting included).")
 @click.option("--color/--no-color", default=None, help="Colour the kinds (default: when writing to a terminal).")
 @bus_options
-def tap(prefixes: tuple[str, ...], json_lines: bool, count: int | None, timeout: float | None,
+def tap(prefixes: tuple[str, ...], heartbeats: bool, json_lines: bool, count: int | None, timeout: float | None,
         color: bool | None, source: SettingsSource) -> None:
     """Show every message on the bus, one line each, and report lost messages per sender."""
     settings = source.load()
+    shown = KindFilter(prefixes, heartbeats)
     tracker = SequenceTracker()
     seen = 0
     deadline = None if timeout is None else time.monotonic() + timeout
     with make_client(settings, "tap") as client:
-        client.subscribe(*(prefixes or ("",)))
-        client.announce()
-        click.echo(f"tapping {settings.bus.url} ({', '.join(prefixes) or 'all kinds'})", err=True)
+        client.subscribe("")  # everything: see KindFilter
+        client.announce(timeout=ANNOUNCE_S if deadline is None else min(ANNOUNCE_S, deadline - time.monotonic()))
+        click.echo(f"tapping {settings.bus.url} ({shown.describe()})", err=True)
         try:
             while count is None or seen < count:
                 remaining = None if deadline is None else deadline - time.monotonic()
@@ -82,10 +112,12 @@ def tap(prefixes: tuple[str, ...], json_lines: bool, count: int | None, timeout:
                 env = client.recv(timeout=0.5 if remaining is None else min(0.5, remaining))
                 if env is None or (env.kind == "sys.hello" and env.src == client.src):
                     continue
-                seen += 1
                 gap = tracker.see(env)
                 if gap:
                     click.secho(f"!! {gap} message(s) from {env.src} lost before seq {env.seq}", fg="red", err=True)
+                if not shown(env.kind):
+                    continue
+                seen += 1
                 if json_lines:
                     click.echo(as_json(env))
                 else:

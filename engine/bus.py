@@ -1,89 +1,72 @@
 """The bus: an XSUB/XPUB proxy every worker publishes to and subscribes from.
 
-Publishers connect PUB sockets to the XSUB port; subscribers connect SUB
-sockets to the XPUB port, which is the XSUB port plus one. Every socket gets
-explicit high-water marks (ZeroMQ's default of 1000 drops messages in bursts,
-silently) and a maximum message size (a peer sending a larger frame is
+Publishers connect PUB sockets to the proxy's XSUB; subscribers connect SUB
+sockets to its XPUB (two sockets in a private folder, or TCP ports PORT and
+PORT+1: see ``voicebus.engine.endpoints``). Every socket gets explicit
+high-water marks and a maximum message size (a peer sending a larger frame is
 disconnected; the proxy keeps running). Sockets close with a short linger so
 no exit path hangs on an unsent message.
 """
 
 from __future__ import annotations
 
-import ipaddress
+import fcntl
 import logging
-import socket
+import os
 import threading
-from dataclasses import dataclass
-from urllib.parse import urlsplit
 
 import zmq
 
+from voicebus.engine.endpoints import Endpoints, free_port_pair
 from voicebus.engine.errors import ConfigError
 from voicebus.engine.messages import MAX_MESSAGE_BYTES
 from voicebus.engine.security import Security
 
+__all__ = ["Bus", "Endpoints", "HWM", "free_port_pair", "tune"]
+
 log = logging.getLogger(__name__)
 
-DEFAULT_BUS = "tcp://127.0.0.1:7700"
-HWM = 500_000
-"""Messages buffered per socket before ZeroMQ drops: a 100k burst fits with room."""
+HWM = 50_000
+"""Messages queued per socket (and per peer) before ZeroMQ drops what comes next.
+
+This is the memory bound under a flood: a queued small message costs about 400 bytes
+(two 64-byte zmq_msg_t plus the payload and malloc's share; measured), so a full
+queue holds ~20 MB, and ~50 MB of 640-byte audio frames. A publisher's burst passes
+four such queues (its PUB, the proxy's XSUB and XPUB, the SUB), so the 100k burst a
+turn can produce is not dropped even by a subscriber that pauses; 500k per queue let
+a flooded worker grow by 120–190 MB and keep it (tests/test_flood.py has the figures). What is dropped stays visible: every
+sender numbers its messages, and receivers count the gaps.
+"""
 SOCKET_MAX_BYTES = MAX_MESSAGE_BYTES + 64 * 1024
 """The socket guard sits above the decoder's limit so envelopes around a full body fit."""
 LINGER_MS = 200
-
-
-@dataclass(frozen=True)
-class Endpoints:
-    """The bus's two TCP endpoints, named by one URL ``tcp://HOST:PORT``."""
-
-    host: str
-    port: int
-
-    @classmethod
-    def parse(cls, url: str) -> Endpoints:
-        parts = urlsplit(url if "://" in url else f"tcp://{url}")
-        if parts.scheme != "tcp" or not parts.hostname or parts.port is None:
-            raise ConfigError(f"bus address {url!r} is not of the form tcp://HOST:PORT")
-        return cls(parts.hostname, parts.port)
-
-    @property
-    def publish(self) -> str:
-        """Where publishers connect (the proxy's XSUB)."""
-        return f"tcp://{self._host_for_url}:{self.port}"
-
-    @property
-    def subscribe(self) -> str:
-        """Where subscribers connect (the proxy's XPUB)."""
-        return f"tcp://{self._host_for_url}:{self.port + 1}"
-
-    @property
-    def url(self) -> str:
-        return self.publish
-
-    @property
-    def is_loopback(self) -> bool:
-        if self.host == "localhost":
-            return True
-        try:
-            return ipaddress.ip_address(self.host).is_loopback
-        except ValueError:
-            return False
-
-    @property
-    def _host_for_url(self) -> str:
-        return f"[{self.host}]" if ":" in self.host else self.host
+KEEPALIVE_IDLE_S = 10
+KEEPALIVE_INTERVAL_S = 5
+KEEPALIVE_PROBES = 3
+"""A TCP peer that vanished (host down, cable out) is noticed after ~25 s of silence and reconnected."""
+LOCK_FILE = "bus.lock"
 
 
 def tune(sock: zmq.Socket, *, max_bytes: int = SOCKET_MAX_BYTES) -> zmq.Socket:
-    """Options every bus socket gets: limits, HWMs, short linger, TCP keepalive."""
+    """Options every bus socket gets: limits, HWMs, short linger, TCP keepalive.
+
+    No ZMTP heartbeats (``ZMQ_HEARTBEAT_IVL``): a receiver whose queue is full stops
+    reading its connection, so it cannot see the peer's PINGs; the heartbeat then times
+    out a healthy connection, and the reconnect aborts the process with
+    ``Assertion failed: _input_stopped`` (libzmq issue 3937; a flood did exactly this to
+    our workers). Liveness is the application's job already: every worker sends
+    ``sys.heartbeat`` and the supervisor echoes its own through the bus. Only a TCP peer
+    that vanished without closing needs the transport's help, and kernel keepalives give
+    it without touching ZeroMQ's reading; they probe only idle connections.
+    """
     sock.setsockopt(zmq.LINGER, LINGER_MS)
     sock.setsockopt(zmq.SNDHWM, HWM)
     sock.setsockopt(zmq.RCVHWM, HWM)
     sock.setsockopt(zmq.MAXMSGSIZE, max_bytes)
-    # ZMTP heartbeats find a dead or stopped peer in about a second.
-    sock.setsockopt(zmq.HEARTBEAT_IVL, 500)
-    sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 2000)
+    sock.setsockopt(zmq.TCP_KEEPALIVE, 1)
+    sock.setsockopt(zmq.TCP_KEEPALIVE_IDLE, KEEPALIVE_IDLE_S)
+    sock.setsockopt(zmq.TCP_KEEPALIVE_INTVL, KEEPALIVE_INTERVAL_S)
+    sock.setsockopt(zmq.TCP_KEEPALIVE_CNT, KEEPALIVE_PROBES)
     sock.setsockopt(zmq.RECONNECT_IVL, 100)
     sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
     return sock
@@ -107,15 +90,16 @@ class Bus:
         self._bound = threading.Event()
         self._error: BaseException | None = None
         self._authenticator = None
+        self._lock_fd: int | None = None
 
     def start(self) -> Bus:
-        if self.security.explicitly_insecure and not self.endpoints.is_loopback:
-            log.warning(
-                "bus on %s WITHOUT authentication or encryption (--insecure): anyone who can reach "
-                "this address can read and inject messages",
-                self.endpoints.host,
-            )
-        self._authenticator = self.security.start_authenticator(self._ctx)
+        self._warn_if_open()
+        try:
+            self._claim_folder()
+            self._authenticator = self.security.start_authenticator(self._ctx)
+        except BaseException:
+            self.stop()
+            raise
         self._thread = threading.Thread(target=self._run, name="bus-proxy", daemon=True)
         self._thread.start()
         self._bound.wait()
@@ -123,6 +107,36 @@ class Bus:
             self.stop()
             raise ConfigError(f"cannot bind the bus on {self.endpoints.url}: {self._error}") from self._error
         return self
+
+    def _warn_if_open(self) -> None:
+        if self.endpoints.is_ipc or self.security.enabled or not self.security.explicitly_insecure:
+            return
+        if self.endpoints.is_loopback:
+            log.warning("bus on %s without keys (--insecure): any local user can connect, listen and "
+                        "drive the assistant", self.endpoints.url)
+        else:
+            log.warning("bus on %s WITHOUT authentication or encryption (--insecure): anyone who can reach "
+                        "this address can read and inject messages", self.endpoints.host)
+
+    def _claim_folder(self) -> None:
+        """ipc: a private folder, and a lock held while we run.
+
+        libzmq unlinks an existing socket file when it binds, so a second bus on the same
+        folder would silently take the path over from a running one; the lock makes it
+        fail instead. The kernel drops the lock when we die, however we die, so a
+        leftover socket from a killed bus never blocks its replacement.
+        """
+        if not self.endpoints.is_ipc:
+            return
+        self.endpoints.prepare()
+        path = os.path.join(self.endpoints.folder, LOCK_FILE)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise ConfigError(f"a bus is already running at {self.endpoints.url}") from None
+        self._lock_fd = fd
 
     def _run(self) -> None:
         xsub = tune(self._ctx.socket(zmq.XSUB), max_bytes=self.max_bytes)
@@ -132,11 +146,13 @@ class Bus:
         try:
             for sock in (xsub, xpub):
                 self.security.apply_server(sock)
-            bind_host = "*" if self.endpoints.host in ("0.0.0.0", "*") else self.endpoints._host_for_url
-            xsub.bind(f"tcp://{bind_host}:{self.endpoints.port}")
-            xpub.bind(f"tcp://{bind_host}:{self.endpoints.port + 1}")
+            for sock, address in zip((xsub, xpub), self._bind_addresses()):
+                sock.bind(address)
+            if self.endpoints.is_ipc:
+                for path in self.endpoints.socket_paths:
+                    os.chmod(path, 0o600)  # the folder keeps others out; this says so twice
             control.bind(self._control_addr)
-        except zmq.ZMQError as exc:
+        except (zmq.ZMQError, OSError) as exc:
             self._error = exc
             for sock in (xsub, xpub, control):
                 sock.close(linger=0)
@@ -151,6 +167,13 @@ class Bus:
             for sock in (xsub, xpub, control):
                 sock.close(linger=0)
 
+    def _bind_addresses(self) -> tuple[str, str]:
+        ep = self.endpoints
+        if ep.is_ipc:
+            return ep.publish, ep.subscribe
+        host = "*" if ep.host in ("0.0.0.0", "*") else ep._host_for_url
+        return f"tcp://{host}:{ep.port}", f"tcp://{host}:{ep.port + 1}"
+
     def stop(self) -> None:
         if self._thread is not None and self._thread.is_alive():
             ctl = self._ctx.socket(zmq.PAIR)
@@ -163,26 +186,17 @@ class Bus:
             self._authenticator.stop()
             self._authenticator = None
         self._ctx.term()
+        if self._lock_fd is not None:
+            for path in self.endpoints.socket_paths:  # ours while we hold the lock
+                try:
+                    path.unlink()
+                except FileNotFoundError:
+                    pass
+            os.close(self._lock_fd)
+            self._lock_fd = None
 
     def __enter__(self) -> Bus:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-
-
-def free_port_pair(host: str = "127.0.0.1") -> int:
-    """A port P such that P and P+1 are both free now (for tests and ad-hoc buses)."""
-    for _ in range(200):
-        with socket.socket() as s1:
-            s1.bind((host, 0))
-            port = s1.getsockname()[1]
-            if port >= 65535:
-                continue
-            with socket.socket() as s2:
-                try:
-                    s2.bind((host, port + 1))
-                except OSError:
-                    continue
-                return port
-    raise RuntimeError("no free pair of ports found")

@@ -74,6 +74,7 @@ class BusClient:
         max_bytes: int = MAX_MESSAGE_BYTES,
         version: str = "",
     ) -> None:
+        endpoints.prepare()  # an ipc bus: its folder is ours and private, before we connect
         self.endpoints = endpoints
         self.name = name
         self.src = source_name(name)

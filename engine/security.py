@@ -1,4 +1,4 @@
-"""CurveZMQ for a bus reachable from the network.
+"""CurveZMQ for a TCP bus (on the network, or on loopback where every local user can reach it).
 
 A keys folder holds::
 
@@ -9,11 +9,15 @@ A keys folder holds::
 Curve alone admits any client that knows the server's public key, so the bus
 also runs a ZAP authenticator that checks client keys against ``allowed/``;
 unknown keys and plaintext clients are refused.
+
+The default bus needs none of this: it lives in a private folder (``ipc://``) that
+only its owner can enter. A TCP bus without keys is the *open mode*, allowed only
+with an explicit ``--insecure``.
 """
 
 from __future__ import annotations
 
-import shutil
+import hashlib
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +26,7 @@ import zmq
 import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 
+from voicebus.engine.endpoints import Endpoints
 from voicebus.engine.errors import ConfigError
 
 BUS_KEY = "bus"
@@ -42,11 +47,11 @@ class Security:
         return self.curve
 
     @classmethod
-    def resolve(cls, *, loopback: bool, keys_dir: Path, mode: str) -> Security:
-        """``mode``: auto (curve unless the bus is on loopback), curve, or insecure."""
+    def resolve(cls, endpoints: Endpoints, *, keys_dir: Path, mode: str) -> Security:
+        """``mode``: auto (a private folder needs no keys; TCP, even on loopback, does), curve, or insecure."""
         if mode == "insecure":
             return cls(explicitly_insecure=True)
-        if mode == "curve" or (mode == "auto" and not loopback):
+        if mode == "curve" or (mode == "auto" and not endpoints.is_ipc):
             return cls(curve=True, keys_dir=keys_dir)
         if mode == "auto":
             return cls()
@@ -57,13 +62,20 @@ class Security:
         path = self.keys_dir / (f"{name}.key_secret" if secret else f"{name}.key")
         if not path.exists():
             raise ConfigError(
-                f"CurveZMQ key {path} not found: run 'voicebus keys init --keys {self.keys_dir}' "
-                "(or copy the keys from the bus host), or use --insecure"
+                f"CurveZMQ key {path} not found: a TCP bus needs keys ('voicebus keys init --keys {self.keys_dir}', "
+                "or copy them from the bus host), or --insecure to admit anyone who can reach it; "
+                "the default local bus (ipc) needs neither"
             )
         try:
             return zmq.auth.load_certificate(path)
         except (ValueError, OSError) as exc:
             raise ConfigError(f"CurveZMQ key {path} is unreadable: {exc}") from None
+
+    def check_client(self) -> None:
+        """ConfigError now, not at connect time, when a client's keys are missing or unreadable."""
+        if self.curve:
+            self._cert(CLIENT_KEY, secret=True)
+            self._cert(BUS_KEY, secret=False)
 
     def apply_server(self, sock: zmq.Socket) -> None:
         if not self.curve:
@@ -137,8 +149,18 @@ def init_keys(keys_dir: Path, *, force: bool = False) -> list[Path]:
     return written
 
 
+def key_fingerprint(public: bytes) -> str:
+    """A short, file-name-safe name for a Z85 public key (Z85 itself contains '/')."""
+    return hashlib.sha256(public).hexdigest()[:12]
+
+
 def allow_key(keys_dir: Path, public_key_file: Path) -> Path:
-    """Authorise a client's public key file; returns where it was copied."""
+    """Authorise a client's public key file; returns where its public part was written.
+
+    The copy keeps the file's name (``laptop.key``); when another key already holds that
+    name, it gets the key's fingerprint too (``laptop-1f2e3d4c5b6a.key``), so allowing a
+    second host never replaces the first.
+    """
     try:
         public, _ = zmq.auth.load_certificate(public_key_file)
     except (ValueError, OSError) as exc:
@@ -147,13 +169,17 @@ def allow_key(keys_dir: Path, public_key_file: Path) -> Path:
         raise ConfigError(f"{public_key_file} holds no public key")
     allowed = keys_dir / ALLOWED
     allowed.mkdir(parents=True, exist_ok=True)
-    target = allowed / public_key_file.name
-    if target.exists() and target.resolve() != public_key_file.resolve():
-        target = allowed / f"{public_key_file.stem}-{public.decode()[:8]}.key"
-    # A secret file holds the public key too; copy only the public part.
-    if public_key_file.name.endswith("_secret"):
-        target = allowed / public_key_file.name.removesuffix("_secret")
-        target.write_text(f"metadata\ncurve\n    public-key = \"{public.decode()}\"\n")
-    else:
-        shutil.copyfile(public_key_file, target)
+    stem = public_key_file.name.removesuffix("_secret").removesuffix(".key") or "client"
+    target = allowed / f"{stem}.key"
+    if target.exists() and _public_key(target) != public:
+        target = allowed / f"{stem}-{key_fingerprint(public)}.key"
+    # A secret file holds the public key too; write only the public part, whatever the source.
+    target.write_text(f"metadata\ncurve\n    public-key = \"{public.decode()}\"\n")
     return target
+
+
+def _public_key(path: Path) -> bytes | None:
+    try:
+        return zmq.auth.load_certificate(path)[0]
+    except (ValueError, OSError):
+        return None

@@ -20,11 +20,11 @@ import tomllib
 import types
 import typing
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from voicebus.engine.bus import DEFAULT_BUS
+from voicebus.engine.endpoints import default_url
 from voicebus.engine.errors import ConfigError
 from voicebus.engine.messages import MAX_MESSAGE_BYTES
 
@@ -47,10 +47,11 @@ def secret() -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class BusSettings:
-    url: str = DEFAULT_BUS
-    """tcp://HOST:PORT of the bus (publish port; subscribe is PORT+1)."""
+    url: str = field(default_factory=default_url)
+    """ipc:///FOLDER (default: a private folder, $XDG_RUNTIME_DIR/voicebus or /tmp/voicebus-UID)
+    or tcp://HOST:PORT (publish port; subscribe is PORT+1)"""
     security: str = "auto"
-    """auto (CurveZMQ unless on loopback) | curve | insecure"""
+    """auto (none in a private folder, CurveZMQ on TCP) | curve | insecure (TCP without keys: open to all who reach it)"""
     keys_dir: Path = Path("~/.config/voicebus/keys")
     max_message_bytes: int = MAX_MESSAGE_BYTES
 

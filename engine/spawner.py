@@ -3,6 +3,14 @@
 Children die with the supervisor: on Linux through the parent-death signal
 (``PR_SET_PDEATHSIG``), and everywhere through the actor's own watch on its
 parent pid — so SIGKILLing the supervisor leaves no orphan behind.
+
+The death signal is SIGKILL, not SIGTERM: it is sent only when the supervisor is
+already gone without its orderly shutdown (that one sends ``ctl.shutdown``, then
+SIGTERM, and waits), so nobody is left to hear a goodbye; and a SIGTERM stays
+pending on a SIGSTOPped child forever, which would then outlive us. A normal
+stop never triggers it: the supervisor outlives its children. Linux sends it
+when the *thread* that forked the child ends, so children are spawned from the
+supervisor's main loop only.
 """
 
 from __future__ import annotations
@@ -22,12 +30,19 @@ PR_SET_PDEATHSIG = 1
 STDERR_LINES_KEPT = 20
 
 
-def _die_with_parent() -> None:  # runs in the child between fork and exec
-    if sys.platform.startswith("linux"):
-        try:
-            ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-        except OSError:
-            pass  # the actor's parent-pid watch still covers us
+def _die_with(parent: int) -> Callable[[], None]:
+    """The child's half (between fork and exec): die by SIGKILL when ``parent`` dies."""
+
+    def arrange() -> None:
+        if sys.platform.startswith("linux"):
+            try:
+                ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+            except OSError:
+                pass  # the actor's parent-pid watch still covers us
+        if os.getppid() != parent:  # the parent died before the signal was armed
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return arrange
 
 
 @dataclass(frozen=True)
@@ -55,7 +70,7 @@ class Child:
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
-            preexec_fn=_die_with_parent,
+            preexec_fn=_die_with(os.getpid()),
         )
         self._reader = threading.Thread(
             target=self._read_stderr, args=(on_line,), name=f"{spec.name}-stderr", daemon=True

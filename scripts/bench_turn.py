@@ -25,6 +25,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -251,8 +252,9 @@ class Up:
 
     def __init__(self, workdir: Path, label: str, args: list[str], env: dict[str, str]) -> None:
         self.label = label
-        self.port = free_port_pair()
-        self.url = f"tcp://127.0.0.1:{self.port}"
+        # A private bus folder of its own, directly under /tmp (a unix socket path takes 107 bytes at most).
+        self.bus_folder = Path(tempfile.mkdtemp(prefix="vb-bench-", dir="/tmp"))
+        self.url = f"ipc://{self.bus_folder}"
         self.log_path = workdir / f"{label}.log"
         self._log = self.log_path.open("w")
         self.proc = subprocess.Popen(
@@ -307,6 +309,7 @@ class Up:
             if killed:
                 log(f"{self.label}: killed leftover processes {killed}")
             self._log.close()
+            shutil.rmtree(self.bus_folder, ignore_errors=True)
 
 
 # --- part 1: voice turns ------------------------------------------------------------------

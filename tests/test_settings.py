@@ -20,8 +20,8 @@ def write(tmp_path: Path, text: str) -> Path:
 
 def test_defaults():
     s = load(Settings, env={})
-    assert (s.asr.backend, s.llm.backend, s.tts.backend) == ("pocketsphinx", "local", "piper")
-    assert s.bus.url == "tcp://127.0.0.1:7700" and s.vad.silence_ms == 500 and s.llm.max_tokens == 200
+    assert (s.asr.backend, s.llm.backend, s.tts.backend) == ("whisper", "local", "piper")
+    assert s.bus.url.startswith("ipc://") and s.vad.silence_ms == 500 and s.llm.max_tokens == 200
     assert s.asr.language == "en-US" and s.tts.azure_voice == "en-US-JennyMultilingualNeural"
 
 

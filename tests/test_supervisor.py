@@ -1,7 +1,7 @@
 """The supervisor with real processes: restarts, hangs, crash loops, signals, garbage, two hosts.
 
 Every ``voicebus up`` here runs without audio (``--input none --output none``)
-on free ports with a private state dir, and is killed with its whole process
+on a bus of its own (a private ipc folder) with a private state dir, and is killed with its whole process
 group when the test ends, pass or fail. The restart policy's own arithmetic is
 tested first, without processes.
 """
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from voicebus.engine.bus import Endpoints, free_port_pair
+from voicebus.engine.bus import Endpoints
 from voicebus.engine.client import BusClient
 from voicebus.engine.messages import Heartbeat
 from voicebus.engine.restart_policy import RestartPolicy
@@ -78,12 +78,8 @@ class Stack:
     url: str
 
 
-def new_bus_url() -> str:
-    return f"tcp://127.0.0.1:{free_port_pair()}"
-
-
 def start_stack(launcher: Launcher, *extra: str, **env: str) -> Stack:
-    url = new_bus_url()
+    url = launcher.bus_url()
     up = launcher.up(*NO_AUDIO, "--bus", url, *extra, **env)
     watcher = launcher.watch(Endpoints.parse(url))
     pids = watcher.wait_ready(WORKER_NAMES, timeout=90)
@@ -158,9 +154,11 @@ def test_sigstopped_worker_is_replaced(stack):
 
 
 @pytest.mark.slow
-def test_worker_failing_at_startup_is_given_up(launcher):
-    url = new_bus_url()
-    model = "/nonexistent/model.gguf"
+def test_worker_failing_at_startup_is_given_up(launcher, tmp_path):
+    url = launcher.bus_url()
+    # A file that exists (preflight refuses a missing one at once) but is no model: the thinker fails to load it.
+    model = str(tmp_path / "broken.gguf")
+    (tmp_path / "broken.gguf").write_bytes(b"not a gguf model" * 64)
     up = launcher.up(*NO_AUDIO, "--bus", url, VOICEBUS_LLM_MODEL_PATH=model)
     watcher = launcher.watch(Endpoints.parse(url), "sup.", "sys.error")
     started = time.monotonic()
@@ -337,7 +335,7 @@ def test_fuzzed_bus_leaves_every_worker_alive_and_answering(stack, tmp_path):
 
 @pytest.mark.slow
 def test_two_supervisors_share_one_bus(launcher, tmp_path):
-    url = new_bus_url()
+    url = launcher.bus_url()
     a = launcher.up("--only", "listener,thinker", "--start-bus", "--bus", url, *NO_AUDIO, label="a")
     b = launcher.up("--only", "speaker", "--join-bus", "--bus", url, "--output", "none", label="b")
     watcher = launcher.watch(Endpoints.parse(url))

@@ -74,7 +74,7 @@ def recognize(recognizer, path: Path) -> str:
 
 def start(launcher, *args: str):
     """``voicebus up`` on a bus of its own; returns the process and the bus URL."""
-    url = f"tcp://127.0.0.1:{free_port_pair()}"
+    url = launcher.bus_url()
     return launcher.up("--bus", url, *args), url
 
 

@@ -1,17 +1,22 @@
 """Checks ``voicebus up`` makes before starting anything: one clear line instead of a crash loop.
 
-A missing input file, an absent microphone, or a cloud backend without its
-keys would otherwise surface as a worker failing five times in a row.
+A missing input file, an absent microphone, a mistyped model path, an unusable
+state dir or bus folder, or a cloud backend without its keys would otherwise
+surface as a worker failing five times in a row.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
+import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
-from voicebus.engine.errors import AudioError, ConfigError
+from voicebus.engine.endpoints import Endpoints
+from voicebus.engine.errors import AudioError, ConfigError, ModelError
+from voicebus.engine.security import Security
+from voicebus.engine.settings import expand
 from voicebus.workers.config import Settings
 
 BACKENDS = {"asr": ("pocketsphinx", "whisper", "azure"), "llm": ("local", "openai", "azure"), "tts": ("piper", "azure")}
@@ -71,10 +76,55 @@ def check_audio(settings: Settings, workers: Iterable[str]) -> None:
         open_sink(spec, 22050, realtime=False).close()
 
 
+def check_bus(settings: Settings) -> None:
+    """The bus address parses, its folder (ipc) is ours and private, and TCP has its keys or --insecure."""
+    endpoints = Endpoints.parse(settings.bus.url)
+    endpoints.prepare()
+    Security.resolve(endpoints, keys_dir=expand(settings.bus.keys_dir), mode=settings.bus.security).check_client()
+
+
+def check_model_paths(settings: Settings, workers: Iterable[str]) -> None:
+    """A model or voice file named in the settings exists (the packaged defaults are the backends' to find)."""
+    workers = set(workers)
+    llm, tts = settings.llm, settings.tts
+    if "thinker" in workers and llm.backend == "local" and llm.model_path:
+        model = expand(Path(llm.model_path))
+        if not model.is_file():
+            raise ModelError(f"LLM model file not found: {model} (llm.model_path, VOICEBUS_LLM_MODEL_PATH)")
+    if "speaker" in workers and tts.backend == "piper" and tts.voice:
+        voice = expand(Path(tts.voice))
+        if voice.suffix != ".onnx":
+            raise ModelError(f"a piper voice is an .onnx file (with its .onnx.json beside it), got {voice} "
+                             "(tts.voice, VOICEBUS_TTS_VOICE)")
+        for needed in (voice, voice.with_name(voice.name + ".json")):
+            if not needed.is_file():
+                raise ModelError(f"piper voice file not found: {needed} (tts.voice, VOICEBUS_TTS_VOICE)")
+
+
+def check_state_dir(settings: Settings, workers: Iterable[str]) -> None:
+    """The state dir (history; whisper's model cache) is a folder we can write, created if missing."""
+    workers = set(workers)
+    if "thinker" not in workers and not ("listener" in workers and settings.asr.backend == "whisper"):
+        return
+    path = expand(settings.state.dir)
+    hint = "set state.dir (VOICEBUS_STATE_DIR)"
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"state dir {path} is a file, not a folder: {hint}")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass  # a real write: permissions and a read-only mount both show here
+    except OSError as exc:
+        raise ConfigError(f"state dir {path} is not writable ({exc.strerror or exc}): {hint}") from None
+
+
 def preflight(settings: Settings, workers: Iterable[str]) -> None:
     workers = tuple(workers)
     check_backend_names(settings)
     missing = missing_settings(settings, workers)
     if missing:
         raise ConfigError(f"missing setting(s) for the chosen backends: {', '.join(missing)}")
+    check_bus(settings)
+    check_model_paths(settings, workers)
+    check_state_dir(settings, workers)
     check_audio(settings, workers)

@@ -8,9 +8,11 @@ failing test leaves nothing behind, not even a SIGSTOPped worker.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -32,6 +34,22 @@ def clean_env(state_dir: Path, **extra: str) -> dict[str, str]:
     env["VOICEBUS_STATE_DIR"] = str(state_dir)
     env.update(extra)
     return env
+
+
+def private_bus_folder() -> Path:
+    """A new 0700 folder for an ipc bus, directly under /tmp.
+
+    pytest's tmp_path is too deep for a unix socket path (107 bytes at most); the
+    caller removes the folder (``Launcher`` and the ``bus_folder`` fixture do).
+    """
+    return Path(tempfile.mkdtemp(prefix="vb-", dir="/tmp"))
+
+
+@pytest.fixture
+def bus_folder():
+    folder = private_bus_folder()
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 def gone(pid: int) -> bool:
@@ -148,6 +166,12 @@ class Launcher:
         self.tmp_path = tmp_path
         self.ups: list[Up] = []
         self.watchers: list[BusWatcher] = []
+        self.folders: list[Path] = []
+
+    def bus_url(self) -> str:
+        """A private ipc bus of its own for this test (the default kind of bus, on a short path)."""
+        self.folders.append(private_bus_folder())
+        return f"ipc://{self.folders[-1]}"
 
     def up(self, *args: str, label: str = "up", **env_extra: str) -> Up:
         state = self.tmp_path / f"state-{label}"
@@ -166,6 +190,8 @@ class Launcher:
             watcher.close()
         for up in self.ups:
             up.kill_everything()
+        for folder in self.folders:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 class BusWatcher:
