@@ -291,6 +291,8 @@ class GaveUp(Body, kind="sup.gave_up"):
 @dataclass(frozen=True, kw_only=True)
 class Shutdown(Body, kind="ctl.shutdown", urgent=True):
     reason: str
+    failed: bool = False
+    """the deployment stops because its job could not be done: ``voicebus up`` exits non-zero"""
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -18,13 +18,17 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from voicebus.engine.client import BusClient
-from voicebus.engine.messages import Envelope, Error, Exited, GaveUp, Heartbeat, Restarting, Shutdown, Started
+from voicebus.engine.messages import Envelope, Error, Exited, GaveUp, Heartbeat, Hello, Restarting, Shutdown, Started
 from voicebus.engine.health import PROBE_S, HealthMonitor
 from voicebus.engine.restart_policy import RestartPolicy
 from voicebus.engine.settings import SupervisorSettings
 from voicebus.engine.spawner import Child, WorkerSpec, describe_exit
 
 TICK_S = 0.05
+LOADING = ("starting", "loading")
+"""Slot states of a child that has not said it is ready."""
+DIAGNOSE = "voicebus doctor"
+"""What to run when a worker crashed while loading: it checks each backend, the local model in a child process."""
 
 
 @dataclass
@@ -54,6 +58,8 @@ class Slot:
         self.state = "starting"
         self.restart_at: float | None = None
         self.last_error = ""
+        self.backends: dict[str, str] = {}
+        """What the worker said it loads (its ``sys.hello``); kept across restarts, the spec is the same."""
 
     def status(self) -> ChildStatus:
         child = self.child
@@ -64,6 +70,18 @@ class Slot:
             restarts=self.policy.restarts,
             uptime=child.uptime if child else 0.0,
         )
+
+
+def _exit_reason(slot: Slot, returncode: int | None, sig: str) -> str:
+    """Why a child ended, as the user reads it; a signal before ready names what the worker was loading."""
+    if not sig:
+        return f"exit code {returncode}"
+    if slot.state not in LOADING:
+        return f"killed by {sig}"
+    if not slot.backends:
+        return f"killed by {sig} while starting"
+    loading = ", ".join(f"{stage}={name}" for stage, name in slot.backends.items())
+    return f"killed by {sig} while loading its backends ({loading})"
 
 
 class Supervisor:
@@ -172,11 +190,18 @@ class Supervisor:
                 self.health.heartbeat(body.pid, time.monotonic())
                 if slot.state != "restarting":
                     slot.state = body.state
+        elif isinstance(body, Hello):
+            slot = self._slot_by_pid(body.pid)
+            if slot is not None and body.backends:
+                slot.backends = dict(body.backends)
         elif isinstance(body, Error):
             slot = self._slot_by_src(env.src)
             if slot is not None:
                 slot.last_error = body.message
         elif isinstance(body, Shutdown):
+            if body.failed and not self.exit_code:
+                self.exit_code = 1
+                self.failure = body.reason
             self.request_stop(body.reason)
         if self.watch and env.kind.startswith(self.watch):
             self.view.message(env)
@@ -202,12 +227,17 @@ class Supervisor:
             if self._stop.is_set():
                 slot.state = "stopped"
                 continue
-            reason = f"killed by {sig}" if sig else f"exit code {returncode}"
+            reason = _exit_reason(slot, returncode, sig)
+            crashed_loading = bool(sig) and slot.state in LOADING
             delay = slot.policy.on_exit(now, child.uptime)
             if delay is None:
                 slot.state = "gave up"
                 last = slot.last_error or child.last_error()
                 self._publish(GaveUp(worker=slot.spec.name, restarts=slot.policy.restarts, last_error=last))
+                if crashed_loading:
+                    # A signal before ready is most likely a native crash in a backend's loader
+                    # (a model library built for another CPU), which the worker cannot report itself.
+                    reason += f"; run '{DIAGNOSE}' to check them"
                 self._fail(slot.spec.name, f"{reason}; last error:\n{child.last_error()}")
                 return
             slot.state = "restarting"

@@ -1,4 +1,11 @@
-"""llama.cpp chat with SmolLM2-135M-Instruct: real model, real tokens."""
+"""llama.cpp chat with SmolLM2-135M-Instruct: real model, real tokens.
+
+llama.cpp runs in this process for most tests, so a build that crashes on this
+CPU (a SIGSEGV in native code) would kill the whole pytest run. The model
+therefore runs once in a child process first (``child_generation``): if that
+dies by a signal, the test below fails with the signal's name and every
+in-process test is skipped instead of crashing pytest.
+"""
 
 from __future__ import annotations
 
@@ -10,18 +17,52 @@ from pathlib import Path
 import pytest
 
 from voicebus.engine.errors import BackendError, ConfigError, ModelError
-from voicebus.workers.llm.local import LocalChat
+from voicebus.engine.settings import load
+from voicebus.workers.backends import open_chat
+from voicebus.workers.config import Settings
+from voicebus.workers.llm.cpu import CpuReport, decide_repack, read_cpu_flags
+from voicebus.workers.llm.local import LocalChat, default_threads
 from voicebus.workers.llm.models import find_smollm2_gguf
+from voicebus.workers.llm.probe import GenerationProbe, ProbeResult
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 STORY = [{"role": "user", "content": "Write a long story about a dragon who learns to bake bread."}]
 
+EPYC = CpuReport(
+    flags=frozenset({"sse4_2", "avx", "avx2", "fma", "f16c"}),
+    system_info="CPU : SSE3 = 1 | AVX = 1 | AVX2 = 1 | F16C = 1 | FMA = 1 | REPACK = 1 | ",
+)
+SAPPHIRE_RAPIDS = CpuReport(
+    flags=frozenset({"avx2", "avx512f", "avx512bw", "amx_tile", "amx_int8", "amx_bf16"}),
+    system_info="CPU : SSE3 = 1 | AVX = 1 | AVX2 = 1 | AVX512 = 1 | AMX_INT8 = 1 | REPACK = 1 | ",
+)
+AMX_BUILD_ONLY = CpuReport(flags=EPYC.flags, system_info="CPU : AVX2 = 1 | AMX_INT8 = 1 | ")
+"""A build with the AMX path compiled in, on a CPU whose flags do not show it (a VM hiding it)."""
+
 
 @pytest.fixture(scope="session")
-def chat() -> Iterator[LocalChat]:
+def child_generation() -> ProbeResult:
+    """A multi-token prompt and a short answer from the default model, in a child process, once."""
+    return GenerationProbe().run(find_smollm2_gguf(), repack="auto", threads=default_threads())
+
+
+@pytest.fixture(scope="session")
+def in_process_llama(child_generation: ProbeResult) -> None:
+    """Skips a test that would load llama.cpp here when it crashed in the child: one failure, not a dead run."""
+    if child_generation.signal:
+        pytest.skip(f"llama.cpp crashed in a child process ({child_generation.signal}); "
+                    "see test_multi_token_generation_survives_in_a_child_process")
+
+
+@pytest.fixture(scope="session")
+def chat(in_process_llama: None) -> Iterator[LocalChat]:
     backend = LocalChat(seed=1)
     yield backend
     backend.close()
+
+
+def test_multi_token_generation_survives_in_a_child_process(child_generation: ProbeResult) -> None:
+    assert child_generation.ok, child_generation.detail
 
 
 def drain(gen: Generator[str, None, str]) -> tuple[list[str], str]:
@@ -113,7 +154,7 @@ def test_count_tokens(chat: LocalChat) -> None:
     assert chat.context_tokens == 2048
 
 
-def test_prompt_larger_than_context_is_a_backend_error() -> None:
+def test_prompt_larger_than_context_is_a_backend_error(in_process_llama: None) -> None:
     small = LocalChat(context_tokens=64)
     try:
         long_prompt = [{"role": "user", "content": "word " * 200}]
@@ -123,7 +164,7 @@ def test_prompt_larger_than_context_is_a_backend_error() -> None:
         small.close()
 
 
-def test_load_prints_nothing(capfd: pytest.CaptureFixture[str]) -> None:
+def test_load_prints_nothing(in_process_llama: None, capfd: pytest.CaptureFixture[str]) -> None:
     LocalChat().close()
     out, err = capfd.readouterr()
     assert (out, err) == ("", "")
@@ -134,7 +175,9 @@ def test_missing_model_is_a_model_error_naming_the_path(tmp_path: Path) -> None:
         LocalChat(tmp_path / "absent.gguf")
 
 
-def test_garbage_gguf_is_a_model_error_not_a_crash(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+def test_garbage_gguf_is_a_model_error_not_a_crash(
+    in_process_llama: None, tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
     garbage = tmp_path / "garbage.gguf"
     garbage.write_bytes(b"\x00\x01not a gguf file at all" * 512)
     with pytest.raises(ModelError, match="garbage.gguf"):
@@ -143,7 +186,7 @@ def test_garbage_gguf_is_a_model_error_not_a_crash(tmp_path: Path, capfd: pytest
     assert err == "", "llama.cpp's complaints belong in logging, not on stderr"
 
 
-def test_truncated_gguf_is_a_model_error(tmp_path: Path) -> None:
+def test_truncated_gguf_is_a_model_error(in_process_llama: None, tmp_path: Path) -> None:
     real = find_smollm2_gguf().read_bytes()
     truncated = tmp_path / "truncated.gguf"
     truncated.write_bytes(real[: len(real) // 3])
@@ -151,8 +194,77 @@ def test_truncated_gguf_is_a_model_error(tmp_path: Path) -> None:
         LocalChat(truncated)
 
 
-def test_closed_model_refuses_work() -> None:
+def test_closed_model_refuses_work(in_process_llama: None) -> None:
     backend = LocalChat()
     backend.close()
     with pytest.raises(BackendError, match="closed"):
         backend.count_tokens("hi")
+
+
+# --- weight repacking (llm.repack) ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("setting", "cpu", "expected"), [
+    ("auto", EPYC, True),
+    ("auto", SAPPHIRE_RAPIDS, False),
+    ("auto", AMX_BUILD_ONLY, False),
+    ("on", SAPPHIRE_RAPIDS, True),
+    ("off", EPYC, False),
+])
+def test_repack_decision(setting: str, cpu: CpuReport, expected: bool) -> None:
+    choice = decide_repack(setting, cpu)
+    assert choice.use_extra_bufts is expected
+    if setting == "auto" and not expected:
+        assert "AMX" in choice.describe() and "20824" in choice.describe()
+
+
+def test_unknown_repack_setting_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="llm.repack must be one of auto, on, off"):
+        decide_repack("sometimes", EPYC)
+
+
+def test_cpu_flags_come_from_cpuinfo(tmp_path: Path) -> None:
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nvendor_id\t: GenuineIntel\n"
+                       "flags\t\t: fpu sse2 avx avx2 avx512f avx512bw amx_bf16 amx_tile amx_int8\n\n"
+                       "processor\t: 1\nflags\t\t: fpu\n")
+    report = CpuReport(flags=read_cpu_flags(cpuinfo), system_info="")
+    assert report.amx and report.features() == "AVX2 yes, AVX-512 yes, AMX yes"
+    assert read_cpu_flags(tmp_path / "absent") == frozenset()
+    assert CpuReport(frozenset(), "").features().startswith("CPU flags unknown")
+
+
+def test_amx_cpu_loads_without_repacking_and_still_answers(in_process_llama: None) -> None:
+    import llama_cpp.llama_cpp as low
+
+    defaults = low.llama_model_default_params
+    backend = LocalChat(seed=1, cpu=SAPPHIRE_RAPIDS)
+    try:
+        assert backend._llm.model_params.use_extra_bufts is False
+        assert not backend.repack.use_extra_bufts and "AMX" in backend.repack.why
+        pieces, finish = drain(backend.stream(QUESTION, max_tokens=16, cancel=threading.Event()))
+        assert len(pieces) >= 3 and finish in ("stop", "length")
+    finally:
+        backend.close()
+    assert low.llama_model_default_params is defaults, "llama's defaults were left wrapped"
+    assert low.llama_model_default_params().use_extra_bufts is True
+
+
+def test_repack_setting_reaches_llama_through_open_chat(in_process_llama: None) -> None:
+    settings = load(Settings, env={}, overrides={"llm.repack": "off"})
+    backend = open_chat(settings)
+    try:
+        assert isinstance(backend, LocalChat) and backend._llm.model_params.use_extra_bufts is False
+    finally:
+        backend.close()
+
+
+def test_a_failed_load_leaves_llamas_defaults_alone(in_process_llama: None, tmp_path: Path) -> None:
+    import llama_cpp.llama_cpp as low
+
+    defaults = low.llama_model_default_params
+    garbage = tmp_path / "garbage.gguf"
+    garbage.write_bytes(b"GGUF" + b"\x00" * 64)
+    with pytest.raises(ModelError):
+        LocalChat(garbage, repack="off")
+    assert low.llama_model_default_params is defaults

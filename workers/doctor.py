@@ -1,4 +1,9 @@
-"""Checks behind ``voicebus doctor``: package, settings, model files, service — per configured backend."""
+"""Checks behind ``voicebus doctor``: package, settings, model files, service — per configured backend.
+
+For the local chat model it also runs a short generation in a child process
+(``voicebus.workers.llm.probe``), so a llama.cpp build that crashes on this
+CPU shows up as a failed check instead of taking doctor down.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +18,8 @@ from urllib.parse import urlsplit
 
 from voicebus.engine.errors import VoicebusError
 from voicebus.workers.config import Settings
+from voicebus.workers.llm.local import default_threads
+from voicebus.workers.llm.probe import GenerationProbe
 from voicebus.workers.preflight import missing_settings
 
 SERVICE_TIMEOUT_S = 3.0
@@ -118,7 +125,14 @@ def _probe(url: str) -> str:
         raise ConnectionError(f"{url}: {getattr(exc, 'reason', exc)}") from None
 
 
-def run_checks(settings: Settings) -> Iterator[Check]:
+def _generation_check(settings: Settings, model: Path, probe: GenerationProbe) -> Check:
+    llm = settings.llm
+    result = probe.run(model, repack=llm.repack, threads=llm.threads or default_threads())
+    return Check("llm", "generate", result.ok, f"local: {result.detail}")
+
+
+def run_checks(settings: Settings, *, llm_probe: GenerationProbe | None = None) -> Iterator[Check]:
+    """Every check, in order; ``llm_probe`` runs the local chat model's test generation (default: the real one)."""
     for stage in ("asr", "llm", "tts"):
         backend = getattr(settings, stage).backend
         packages = PACKAGES.get((stage, backend))
@@ -133,9 +147,13 @@ def run_checks(settings: Settings) -> Iterator[Check]:
         find = _model_check(stage, backend, settings)
         if find is not None:
             try:
-                yield Check(stage, "model", True, f"{backend}: {find()}")
+                model = find()
             except (VoicebusError, OSError, ImportError) as exc:
                 yield Check(stage, "model", False, f"{backend}: {exc}")
+            else:
+                yield Check(stage, "model", True, f"{backend}: {model}")
+                if (stage, backend) == ("llm", "local") and all(_installed(m) for m, _ in packages):
+                    yield _generation_check(settings, Path(model), llm_probe or GenerationProbe())
         url = _service_url(stage, backend, settings)
         if url is not None and not missing:
             try:

