@@ -1,8 +1,10 @@
-"""Audio sources, sinks, WAV I/O, resampling and device error paths.
+"""Audio sources, sinks, audio file I/O, resampling and device error paths.
 
-WAVs are generated here: integer PCM through the stdlib ``wave`` writer (an
-implementation independent of ours), float and WAVE_FORMAT_EXTENSIBLE files
-with a hand-built header since ``wave`` cannot write those.
+Files are generated here: integer PCM WAVs through the stdlib ``wave`` writer,
+float and WAVE_FORMAT_EXTENSIBLE WAVs with a hand-built header (``wave`` cannot
+write those), FLAC, OGG (Vorbis, Opus) and MP3 through soundfile's encoders and,
+where sox is installed, FLAC and OGG through sox: encoders other than the
+decoder under test wherever one is at hand.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import importlib.abc
 import itertools
 import math
 import os
+import shutil
 import struct
 import subprocess
 import sys
@@ -28,6 +31,7 @@ from voicebus.workers.audio import (
     FRAME_MS,
     RATE,
     DeviceSink,
+    FileSource,
     MicSource,
     NullSink,
     Resampler,
@@ -35,10 +39,12 @@ from voicebus.workers.audio import (
     WavSource,
     open_sink,
     open_source,
+    read_audio,
     read_wav,
     write_wav,
 )
-from voicebus.workers.audio_pcm import Pacer
+from voicebus.workers.audio.files import FILE_SUFFIXES
+from voicebus.workers.audio.pcm import Pacer
 
 # --- helpers ---------------------------------------------------------------------------------
 
@@ -167,6 +173,122 @@ def test_wav_source_converts_any_format_to_internal_frames(tmp_path, name, rate,
         assert level(out, other_freq, RATE) == pytest.approx(0.5 * (channels - 1) / channels, rel=0.05)
 
 
+# --- reading other formats -------------------------------------------------------------------
+
+
+def _sox() -> str:
+    path = shutil.which("sox")
+    if path is None:
+        pytest.skip("sox is not installed (Debian: apt-get install sox)")
+    return path
+
+
+def with_soundfile(fmt: str, subtype: str):
+    def write(path: Path, samples: np.ndarray, rate: int) -> Path:
+        import soundfile
+
+        soundfile.write(path, samples, rate, format=fmt, subtype=subtype)
+        return path
+
+    return write
+
+
+def with_sox(path: Path, samples: np.ndarray, rate: int) -> Path:
+    """Encode with sox (libFLAC, libvorbis, LAME): encoders independent of libsndfile's."""
+    source = write_int_wav(path.with_suffix(".src.wav"), samples, rate, 2)
+    done = subprocess.run([_sox(), str(source), str(path)], timeout=60, capture_output=True, text=True)
+    if done.returncode and "no handler" in done.stderr:
+        pytest.skip(f"this sox cannot write {path.suffix} ({done.stderr.strip()})")
+    assert done.returncode == 0, done.stderr
+    return path
+
+
+COMPRESSED = [
+    # (id, file name, rate, channels, writer, lossy)
+    ("flac-44k1-stereo-16bit", "a.flac", 44100, 2, with_soundfile("FLAC", "PCM_16"), False),
+    ("flac-96k-mono-24bit", "a.flac", 96000, 1, with_soundfile("FLAC", "PCM_24"), False),
+    ("ogg-vorbis-22k05-stereo", "a.ogg", 22050, 2, with_soundfile("OGG", "VORBIS"), True),
+    ("ogg-opus-48k-mono", "a.opus", 48000, 1, with_soundfile("OGG", "OPUS"), True),
+    ("ogg-opus-16k-stereo-named-ogg", "a.ogg", 16000, 2, with_soundfile("OGG", "OPUS"), True),
+    ("mp3-44k1-stereo", "a.mp3", 44100, 2, with_soundfile("MP3", "MPEG_LAYER_III"), True),
+    ("mp3-16k-mono", "a.mp3", 16000, 1, with_soundfile("MP3", "MPEG_LAYER_III"), True),
+    ("sox-flac-32k-mono", "a.flac", 32000, 1, with_sox, False),
+    ("sox-vorbis-44k1-stereo", "a.ogg", 44100, 2, with_sox, True),
+    ("sox-mp3-22k05-mono", "a.mp3", 22050, 1, with_sox, True),
+    ("no-suffix-flac", "take1", 44100, 1, with_soundfile("FLAC", "PCM_16"), False),
+]
+
+
+@pytest.mark.parametrize("name,filename,rate,channels,writer,lossy", COMPRESSED, ids=[c[0] for c in COMPRESSED])
+def test_file_source_reads_flac_ogg_opus_and_mp3(tmp_path, name, filename, rate, channels, writer, lossy):
+    seconds = 1.5
+    samples = np.stack([tone(1000.0, seconds, rate)] + [tone(2500.0, seconds, rate)] * (channels - 1), axis=1)
+    path = writer(tmp_path / filename, samples, rate)
+
+    source = open_source(str(path), realtime=False)
+    assert isinstance(source, FileSource)
+    # Lossy codecs pad the start and end (MP3's encoder delay, Opus's pre-skip): allow that much.
+    assert source.duration_s == pytest.approx(seconds, abs=0.1 if lossy else 1 / rate)
+    frames = frames_of(source)
+    assert {len(f) for f in frames} == {FRAME_BYTES}
+    out = as_int16(b"".join(frames))
+    assert len(out) / RATE == pytest.approx(seconds, abs=0.1 if lossy else 0.02)
+    # Each tone keeps its frequency and its share of the downmix through decoding and resampling.
+    tolerance = 0.15 if lossy else 0.05
+    assert level(out, 1000.0, RATE) == pytest.approx(0.5 / channels, rel=tolerance)
+    if channels > 1:
+        assert level(out, 2500.0, RATE) == pytest.approx(0.5 * (channels - 1) / channels, rel=tolerance)
+
+
+def test_files_are_decoded_block_by_block(tmp_path, monkeypatch):
+    from voicebus.workers.audio.files import AudioFileReader
+
+    path = with_soundfile("FLAC", "PCM_16")(tmp_path / "long.flac", tone(440, 3.0, 44100), 44100)
+    asked: list[int] = []
+    read = AudioFileReader.read
+
+    def spy(self, max_frames):
+        asked.append(max_frames)
+        return read(self, max_frames)
+
+    monkeypatch.setattr(AudioFileReader, "read", spy)
+    assert len(frames_of(FileSource(path, realtime=False))) == 150
+    assert len(asked) >= 30 and max(asked) <= 4410  # 0.1 s at a time, never the whole file
+
+
+@pytest.mark.parametrize("filename,fmt,subtype", [("cut.flac", "FLAC", "PCM_16"), ("cut.ogg", "OGG", "VORBIS"),
+                                                  ("cut.opus", "OGG", "OPUS")])
+def test_truncated_compressed_files_fail_at_open_naming_the_file(tmp_path, filename, fmt, subtype):
+    whole = with_soundfile(fmt, subtype)(tmp_path / f"whole-{filename}", tone(440, 2.0, 48000), 48000)
+    path = tmp_path / filename
+    path.write_bytes(whole.read_bytes()[: whole.stat().st_size // 3])
+    with pytest.raises(AudioError) as info:
+        FileSource(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}: ") and "\n" not in message
+    assert "truncated" in message or "broken" in message
+
+
+def test_a_cut_mp3_plays_what_is_there(tmp_path):
+    # MP3 has no reliable length: a cut MP3 is a shorter MP3, as for every player.
+    whole = with_soundfile("MP3", "MPEG_LAYER_III")(tmp_path / "whole.mp3", tone(440, 2.0, 44100), 44100)
+    path = tmp_path / "cut.mp3"
+    path.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+    pcm, _ = read_audio(path)
+    assert 0.7 < len(pcm) / 2 / RATE < 1.3
+
+
+def test_every_file_suffix_names_a_format_libsndfile_reads():
+    import soundfile
+
+    formats = set(soundfile.available_formats())
+    aliases = {"WAVE": "WAV", "OGA": "OGG", "OPUS": "OGG", "AIF": "AIFF", "AIFC": "AIFF", "SND": "AU"}
+    for suffix in FILE_SUFFIXES:
+        name = suffix.lstrip(".").upper()
+        assert aliases.get(name, name) in formats, suffix
+    assert "OPUS" in soundfile.available_subtypes("OGG") and "MPEG_LAYER_III" in soundfile.available_subtypes("MP3")
+
+
 def test_16k_mono_16bit_passes_through_bit_exact_and_pads_last_frame(tmp_path):
     pcm = (np.arange(1010, dtype=np.int64) * 37 % 20000 - 10000).astype("<i2").tobytes()
     write_wav(tmp_path / "exact.wav", pcm, RATE)
@@ -225,7 +347,8 @@ BROKEN = {
     "empty-file": lambda valid: b"",
     "riff-but-not-wave": lambda valid: b"RIFF" + struct.pack("<I", 4) + b"AVI ",
     "no-data-chunk": lambda valid: valid[:36],
-    "a-law": lambda valid: valid[:20] + struct.pack("<H", 6) + valid[22:],
+    "mp3-inside-wav": lambda valid: valid[:20] + struct.pack("<H", 0x55) + valid[22:],
+    "header-says-no-audio": lambda valid: valid[:40] + struct.pack("<I", 0) + valid[44:] * 4,
 }
 
 
@@ -243,7 +366,13 @@ def test_broken_wav_raises_audio_error_naming_the_file(tmp_path, kind):
 
 @pytest.mark.parametrize(
     "name,content,needle",
-    [("missing.wav", None, "not found"), ("notes.txt", b"just some text\n", "not a WAV"), ("adir", "dir", "directory")],
+    [
+        ("missing.wav", None, "not found"),
+        ("notes.txt", b"just some text\n" * 20, "not an audio file"),
+        ("notes.mp3", b"just some text\n" * 20, "not an audio file"),
+        ("adir", "dir", "directory"),
+        ("empty.flac", b"", "empty file"),
+    ],
 )
 def test_missing_text_and_directory_paths_raise_audio_error(tmp_path, name, content, needle):
     path = tmp_path / name
@@ -256,10 +385,20 @@ def test_missing_text_and_directory_paths_raise_audio_error(tmp_path, name, cont
     assert str(path) in str(info.value)
 
 
-def test_unsupported_encoding_message_says_what_is_supported(tmp_path):
-    path = write_raw_wav(tmp_path / "ulaw.wav", b"\0" * 100, rate=8000, channels=1, width=1, tag=7)
-    with pytest.raises(AudioError, match="mu-law.*16/24/32-bit integer"):
-        WavSource(path)
+def test_unsupported_format_message_says_what_is_supported(tmp_path):
+    # The start of an MP4/AAC file (what phones record as .m4a): a format libsndfile does not read.
+    path = tmp_path / "memo.m4a"
+    path.write_bytes(struct.pack(">I", 24) + b"ftypM4A " + b"\0\0\0\0M4A isom" + b"\0" * 2000)
+    with pytest.raises(AudioError, match=r"memo\.m4a: not an audio file voicebus can read .*WAV, FLAC, OGG.*MP3"):
+        open_source(str(path), realtime=False)
+
+
+def test_telephone_encodings_the_old_parser_refused_are_read(tmp_path):
+    # mu-law at 8 kHz, 1 byte a sample: 0xFF is mu-law silence, so 0.25 s of it decodes to zeros.
+    path = write_raw_wav(tmp_path / "ulaw.wav", b"\xff" * 2000, rate=8000, channels=1, width=1, tag=7)
+    pcm, rate = read_audio(path)
+    assert rate == RATE and abs(len(pcm) // 2 - RATE // 4) <= 2
+    assert np.max(np.abs(as_int16(pcm))) < 0.01
 
 
 def test_unknown_data_size_from_a_streaming_writer_reads_to_end(tmp_path):
@@ -444,7 +583,7 @@ def test_open_source_and_sink_accept_the_documented_forms(tmp_path):
     assert (tmp_path / "OUT.WAV").exists()
 
 
-@pytest.mark.parametrize("spec", ["microphone", "talk.mp3", "", "file.txt"])
+@pytest.mark.parametrize("spec", ["microphone", "talk.m4a", "", "file.txt"])
 def test_unknown_specs_raise_config_error_listing_the_forms(spec):
     with pytest.raises(ConfigError, match="mic.*none.*wav"):
         open_source(spec, realtime=False)

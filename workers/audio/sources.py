@@ -15,19 +15,19 @@ from typing import Any
 
 from voicebus.engine.errors import AudioError
 
-from .audio_device import DeviceChoice, choose_device, import_sounddevice, open_failed
-from .audio_pcm import FRAME_MS, RATE, Closing, FloatResampler, FrameChunker, Pacer, Resampler, float_to_int16
-from .audio_wavfile import WavReader
+from .device import DeviceChoice, choose_device, import_sounddevice, open_failed
+from .files import AudioFileReader
+from .pcm import FRAME_MS, RATE, Closing, FloatResampler, FrameChunker, Pacer, Resampler, float_to_int16
 
 _READ_SECONDS = 0.1
 """How much of a file is decoded and resampled per step: small enough to stream, big enough to be cheap."""
 _FRAME_S = FRAME_MS / 1000
 
 
-def _wav_pcm(reader: WavReader) -> Iterator[bytes]:
+def _file_pcm(reader: AudioFileReader) -> Iterator[bytes]:
     """Decode, downmix and resample ``reader`` into internal-format PCM blocks, streaming."""
-    resampler = FloatResampler(reader.format.rate, RATE)
-    step = max(1, int(reader.format.rate * _READ_SECONDS))
+    resampler = FloatResampler(reader.rate, RATE)
+    step = max(1, int(reader.rate * _READ_SECONDS))
     while True:
         block = reader.read(step)
         last = block.size == 0
@@ -38,27 +38,31 @@ def _wav_pcm(reader: WavReader) -> Iterator[bytes]:
             return
 
 
-def _wav_frames(reader: WavReader) -> Iterator[bytes]:
+def _file_frames(reader: AudioFileReader) -> Iterator[bytes]:
     """Internal frames of ``reader``, the last one zero-padded."""
     chunker = FrameChunker()
-    for block in _wav_pcm(reader):
+    for block in _file_pcm(reader):
         yield from chunker.push(block)
     yield from chunker.finish()
 
 
-class WavSource(Closing):
-    """Frames from a WAV file of any common encoding, rate and channel count.
+class FileSource(Closing):
+    """Frames from an audio file of any format libsndfile reads (WAV, FLAC, OGG/Opus, MP3, …).
 
     ``realtime=True`` delivers each frame when a microphone would have (20 ms
     apart, against a monotonic deadline); False delivers them as fast as the
     consumer takes them. The file is read and converted a block at a time.
+    ``start_ms`` skips the file's beginning (a restarted listener resuming a
+    run): those frames are decoded and dropped at once, which is exact for every
+    format, where seeking compressed audio is not.
     """
 
-    def __init__(self, path: str | os.PathLike[str], *, realtime: bool = True) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, realtime: bool = True, start_ms: int = 0) -> None:
         """Open ``path`` now, so a missing or broken file fails here with AudioError."""
-        self._reader = WavReader(path)
+        self._reader = AudioFileReader(path)
         self.path = self._reader.path
         self.realtime = realtime
+        self.start_ms = max(0, start_ms)
         self.duration_s: float | None = self._reader.duration_s
         """Length of the file's audio in seconds."""
         self._started = False
@@ -66,11 +70,15 @@ class WavSource(Closing):
 
     def __iter__(self) -> Iterator[bytes]:
         if self._started:
-            raise RuntimeError(f"WavSource({self.path}) can be iterated only once")
+            raise RuntimeError(f"FileSource({self.path}) can be iterated only once")
         self._started = True
         pacer = Pacer(catch_up=True) if self.realtime else None
+        skip = self.start_ms // FRAME_MS
         try:
-            for frame in _wav_frames(self._reader):
+            for frame in _file_frames(self._reader):
+                if skip:
+                    skip -= 1
+                    continue
                 if pacer is not None:
                     pacer.wait(_FRAME_S)
                 if self._closed:
@@ -85,14 +93,19 @@ class WavSource(Closing):
         self._reader.close()
 
 
-def read_wav(path: str | os.PathLike[str]) -> tuple[bytes, int]:
+def read_audio(path: str | os.PathLike[str]) -> tuple[bytes, int]:
     """Return the whole file as internal-format PCM and its rate (always ``RATE``).
 
-    Unlike WavSource the end is not padded to a whole frame. AudioError if the
-    file is missing, broken or of an unsupported encoding.
+    Unlike FileSource the end is not padded to a whole frame. AudioError if the
+    file is missing, broken or of an unsupported format.
     """
-    with WavReader(path) as reader:
-        return b"".join(_wav_pcm(reader)), RATE
+    with AudioFileReader(path) as reader:
+        return b"".join(_file_pcm(reader)), RATE
+
+
+# The names from when only WAV was read; kept so that callers' imports do not change.
+WavSource = FileSource
+read_wav = read_audio
 
 
 class MicSource(Closing):

@@ -5,27 +5,31 @@ of 640 bytes (``RATE``, ``FRAME_MS``, ``FRAME_BYTES``). Sources yield those
 frames; sinks take mono int16 at their own ``rate`` (a TTS voice's rate is
 converted with ``Resampler`` when it differs).
 
-This module is the one to import; the work is split by job:
+This package is the one to import; the work is split by job:
 
-    audio_pcm       format constants, Resampler, frame chunking, real-time pacing
-    audio_wavfile   WAV parsing and writing (no dependency beyond numpy)
-    audio_device    finding a sounddevice/PortAudio device, with one-line errors
-    audio_sources   WavSource, MicSource, read_wav
-    audio_sinks     WavSink, DeviceSink, NullSink
+    pcm       format constants, Resampler, frame chunking, real-time pacing
+    files     reading audio files (libsndfile through soundfile), writing WAV
+    device    finding a sounddevice/PortAudio device, with one-line errors
+    sources   FileSource, MicSource, read_audio
+    sinks     WavSink, DeviceSink, NullSink
+
+``WavSource`` and ``read_wav`` are the older names of ``FileSource`` and
+``read_audio`` (they read every format now).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 from types import TracebackType
 from typing import Protocol
 
 from voicebus.engine.errors import ConfigError
 
-from .audio_pcm import FRAME_BYTES, FRAME_MS, FRAME_SAMPLES, RATE, SAMPLE_WIDTH, Resampler
-from .audio_sinks import DeviceSink, NullSink, WavSink
-from .audio_sources import MicSource, WavSource, read_wav
-from .audio_wavfile import write_wav
+from .files import FILE_SUFFIXES, write_wav
+from .pcm import FRAME_BYTES, FRAME_MS, FRAME_SAMPLES, RATE, SAMPLE_WIDTH, Resampler
+from .sinks import DeviceSink, NullSink, WavSink
+from .sources import FileSource, MicSource, WavSource, read_audio, read_wav
 
 __all__ = [
     "FRAME_BYTES",
@@ -36,6 +40,7 @@ __all__ = [
     "AudioSink",
     "AudioSource",
     "DeviceSink",
+    "FileSource",
     "MicSource",
     "NullSink",
     "Resampler",
@@ -43,6 +48,7 @@ __all__ = [
     "WavSource",
     "open_sink",
     "open_source",
+    "read_audio",
     "read_wav",
     "write_wav",
 ]
@@ -78,7 +84,7 @@ class AudioSink(Protocol):
     ) -> None: ...
 
 
-SOURCE_FORMS = "'mic', 'mic:DEVICE', 'none' or a path to a .wav file"
+SOURCE_FORMS = "'mic', 'mic:DEVICE', 'none' or a path to an audio file (.wav, .flac, .ogg, .opus, .mp3, …)"
 SINK_FORMS = "'speaker', 'speaker:DEVICE', 'none' or a path to a .wav file"
 
 
@@ -90,11 +96,15 @@ def _device_spec(spec: str, word: str) -> tuple[bool, str | None]:
     return True, (device.strip() or None) if sep else None
 
 
-def open_source(spec: str, *, realtime: bool) -> AudioSource | None:
+def open_source(spec: str, *, realtime: bool, start_ms: int = 0) -> AudioSource | None:
     """Open the audio input named by ``spec`` (see ``SOURCE_FORMS``); None for 'none'.
 
-    ``realtime`` paces a file like a microphone. Raises ConfigError for a spec
-    of none of the accepted forms, AudioError for a file or device that fails.
+    A file is a path ending in an audio suffix (``FILE_SUFFIXES``) or any path
+    that exists: libsndfile tells formats by their content, so a recording named
+    ``take1`` plays, and one in a format it cannot read gets an AudioError saying
+    so. ``realtime`` paces a file like a microphone; ``start_ms`` skips the start
+    of a file (a microphone has no past to skip). Raises ConfigError for a
+    spec of none of the accepted forms, AudioError for a file or device that fails.
     """
     spec = spec.strip()
     if spec.lower() == "none":
@@ -102,8 +112,8 @@ def open_source(spec: str, *, realtime: bool) -> AudioSource | None:
     is_mic, device = _device_spec(spec, "mic")
     if is_mic:
         return MicSource(device)
-    if spec.lower().endswith(".wav"):
-        return WavSource(spec, realtime=realtime)
+    if spec and (Path(spec).suffix.lower() in FILE_SUFFIXES or Path(spec).expanduser().exists()):
+        return FileSource(Path(spec).expanduser(), realtime=realtime, start_ms=start_ms)
     raise ConfigError(f"unknown audio input {spec!r}; use {SOURCE_FORMS}")
 
 

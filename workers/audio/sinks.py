@@ -15,9 +15,9 @@ from typing import Any, BinaryIO
 
 from voicebus.engine.errors import AudioError
 
-from .audio_device import DeviceChoice, choose_device, import_sounddevice, open_failed
-from .audio_pcm import SAMPLE_WIDTH, Closing, Pacer, Resampler
-from .audio_wavfile import wav_header
+from .device import DeviceChoice, choose_device, import_sounddevice, open_failed
+from .files import wav_header
+from .pcm import SAMPLE_WIDTH, Closing, Pacer, Resampler
 
 _HEADER_BYTES = 44
 
