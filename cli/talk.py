@@ -9,8 +9,50 @@ import click
 
 from voicebus.cli.common import SettingsSource, bus_options, make_client
 from voicebus.engine.messages import new_turn_id
-from voicebus.workers.kinds import Ask, LlmDone, LlmError, LlmSentence, Say, TurnMetrics
-from voicebus.workers.redelivery import ACK_KINDS, Redelivery
+from voicebus.workers.kinds import Ask, LlmAccepted, LlmDone, LlmError, LlmResend, LlmSentence, Say, TurnMetrics
+from voicebus.workers.redelivery import Redelivery
+
+
+class _Answer:
+    """The answer's sentences as they arrive, printed in order, each once (replays repeat some)."""
+
+    def __init__(self) -> None:
+        self.sentences: dict[int, str] = {}
+        self.shown = 0
+
+    def add(self, index: int, text: str) -> None:
+        self.sentences.setdefault(index, text)
+        while self.shown in self.sentences:
+            click.echo(self.sentences[self.shown])
+            self.shown += 1
+
+    def complete(self, count: int) -> bool:
+        return self.shown >= count
+
+
+def _outcome(done: LlmDone, *, error_shown: bool) -> int:
+    """The exit code for how the answer ended; anything but a whole answer says why, on stderr."""
+    if done.finish_reason in ("stop", "length", "stop_phrase"):
+        return 0
+    if done.finish_reason == "cancelled":
+        click.echo(f"answer interrupted: {done.reason or 'cancelled'}", err=True)
+    elif not (done.finish_reason == "error" and error_shown):  # an llm.error already said why
+        click.echo(f"no answer: {done.finish_reason}{': ' + done.reason if done.reason else ''}", err=True)
+    return 1
+
+
+def checked_text(text: str) -> str:
+    """TEXT as given, or a one-line refusal: nothing to say, or bytes that are not UTF-8.
+
+    A shell passes undecodable bytes through as lone surrogates, which no message can carry.
+    """
+    if not text.strip():
+        raise click.ClickException("the text is empty: nothing to send")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise click.ClickException("the text is not valid UTF-8 (is the terminal's encoding UTF-8?)") from None
+    return text
 
 
 @click.command()
@@ -20,10 +62,14 @@ from voicebus.workers.redelivery import ACK_KINDS, Redelivery
 @bus_options
 def ask(text: str, timeout: float, source: SettingsSource) -> None:
     """Ask TEXT as if the user had said it; print the answer as it streams."""
+    text = checked_text(text)
     settings = source.load()
     turn = new_turn_id()
     body = Ask(text=text)
     redelivery = Redelivery()
+    answer = _Answer()
+    notes: set[str] = set()
+    error_shown = False
     with make_client(settings, "ask") as client:
         client.subscribe("llm.")
         client.announce()
@@ -36,15 +82,21 @@ def ask(text: str, timeout: float, source: SettingsSource) -> None:
             env = client.recv(timeout=0.2)
             if env is None or env.turn != turn:
                 continue
-            if env.kind in ACK_KINDS:
-                redelivery.ack(turn)
-            if isinstance(env.body, LlmSentence):
-                click.echo(env.body.text)
-            elif isinstance(env.body, LlmDone):
-                return
-            elif isinstance(env.body, LlmError):
-                click.echo(f"answer failed: {env.body.code}: {env.body.message}", err=True)
-                sys.exit(1)
+            redelivery.heard(turn, env.kind, time.monotonic())
+            reply = env.body
+            if isinstance(reply, LlmAccepted) and reply.note and reply.note not in notes:
+                notes.add(reply.note)
+                click.echo(f"note: {reply.note}", err=True)
+            elif isinstance(reply, LlmSentence):
+                answer.add(reply.index, reply.text)
+            elif isinstance(reply, LlmError):
+                click.echo(f"answer failed: {reply.code}: {reply.message}", err=True)
+                error_shown = True
+            elif isinstance(reply, LlmDone):
+                if not answer.complete(reply.sentences):  # some went missing: ask for them again
+                    client.publish(LlmResend(from_index=answer.shown), turn=turn)
+                    continue
+                sys.exit(_outcome(reply, error_shown=error_shown))
     click.echo(f"no complete answer within {timeout:.0f} s (is a thinker running on {settings.bus.url}?)", err=True)
     sys.exit(1)
 
@@ -56,6 +108,7 @@ def ask(text: str, timeout: float, source: SettingsSource) -> None:
 @bus_options
 def say(text: str, timeout: float, source: SettingsSource) -> None:
     """Make the speaker say TEXT; returns when it has been spoken."""
+    text = checked_text(text)
     settings = source.load()
     turn = new_turn_id()
     with make_client(settings, "say") as client:

@@ -23,7 +23,7 @@ def with_(settings: Settings, section: str, **values) -> Settings:
 
 
 def test_embedded_defaults_open(settings):
-    for opener, name in ((backends.open_recognizer, "pocketsphinx"), (backends.open_chat, "local"),
+    for opener, name in ((backends.open_recognizer, "whisper"), (backends.open_chat, "local"),
                          (backends.open_synthesizer, "piper")):
         backend = opener(settings)
         try:
@@ -39,19 +39,23 @@ def test_settings_reach_the_backends(settings):
     finally:
         chat.close()
     with pytest.raises(ConfigError, match="fr-FR"):
-        backends.open_recognizer(with_(settings, "asr", language="fr-FR"))
+        backends.open_recognizer(with_(settings, "asr", backend="pocketsphinx", language="fr-FR"))
+    with pytest.raises(ConfigError, match="xx-XX"):
+        backends.open_recognizer(with_(settings, "asr", language="xx-XX"))
 
 
 def test_whisper_assembles_its_model_in_the_state_folder(settings, tmp_path):
-    pytest.importorskip("faster_whisper")
     said = []
-    recognizer = backends.open_recognizer(with_(settings, "asr", backend="whisper"), progress=said.append)
+    recognizer = backends.open_recognizer(with_(settings, "asr", beam_size=2), progress=said.append)
     try:
-        assert recognizer.name == "whisper"
+        assert recognizer.name == "whisper" and recognizer.beam_size == 2
         assert (tmp_path / "models" / "whisper-base" / "model.bin").is_file()
         assert said, "the one-time assembly should say what it is doing"
     finally:
         recognizer.close()
+    pocketsphinx = backends.open_recognizer(with_(settings, "asr", backend="pocketsphinx"))
+    assert pocketsphinx.name == "pocketsphinx"
+    pocketsphinx.close()
 
 
 def test_cloud_backends_are_built_from_their_settings(settings):

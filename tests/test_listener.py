@@ -1,4 +1,4 @@
-"""The listener on a real bus: WAV in, VAD and pocketsphinx, turns, barge-in, redelivery."""
+"""The listener on a real bus: audio file in, VAD and whisper, turns, barge-in, delivery, restarts."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 
 from voicebus.engine.client import BusClient
 from voicebus.workers.audio import write_wav
-from voicebus.workers.kinds import LlmAccepted, PlayStart, TurnMetrics
+from voicebus.workers.kinds import LlmAccepted, LlmDone, PlayStart, TurnMetrics
 from voicebus.workers.listener import Listener
 
 from conftest import wait_for
@@ -17,19 +17,23 @@ from conftest import wait_for
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def two_questions(tmp_path_factory) -> Path:
+def speech(path: Path, parts: list) -> Path:
+    """A WAV of piper-spoken texts and silences (floats, seconds), in order."""
     from voicebus.workers.tts.piper import PiperSynthesizer
 
     voice = PiperSynthesizer()
-    rate = voice.sample_rate
-    pcm = bytes(rate)  # 0.5 s
-    for text in ("What is the capital of France?", "Tell me a joke."):
-        pcm += b"".join(voice.synthesize(text)) + bytes(rate * 2 * 2)
+    pcm = b""
+    for part in parts:
+        pcm += b"".join(voice.synthesize(part)) if isinstance(part, str) else bytes(int(voice.sample_rate * part) * 2)
+    write_wav(path, pcm, voice.sample_rate)
     voice.close()
-    path = tmp_path_factory.mktemp("audio") / "two.wav"
-    write_wav(path, pcm, rate)
     return path
+
+
+@pytest.fixture(scope="module")
+def two_questions(tmp_path_factory) -> Path:
+    return speech(tmp_path_factory.mktemp("audio") / "two.wav",
+                  [0.5, "What is the capital of France?", 2.0, "Tell me a joke.", 2.0])
 
 
 @pytest.fixture
@@ -53,23 +57,42 @@ def test_turns_from_a_file_then_shutdown_when_answered(run_listener, make_client
     turns = [e.turn for e in seen if e.kind == "vad.start"]
     assert len(turns) == 2 and turns[0] < turns[1]
     for turn in turns:
-        kinds = [e.kind for e in seen if e.turn == turn and e.kind.startswith(("vad.", "asr.f", "asr.n"))]
-        assert kinds == ["vad.start", "vad.end", "asr.final"], kinds
+        kinds = [e.kind for e in seen if e.turn == turn and e.kind in ("vad.start", "vad.end", "asr.final")]
+        assert list(dict.fromkeys(kinds)) == ["vad.start", "vad.end", "asr.final"], kinds  # (+ re-offers)
     # The first turn was still open (unanswered) when the second began: barge-in.
     assert [e.turn for e in seen if e.kind == "ctl.interrupt"] == [turns[0]]
     finals = [e.body for e in seen if e.kind == "asr.final"]
-    assert "capital" in finals[0].text and "france" in finals[0].text
+    assert "capital" in finals[0].text.lower() and "france" in finals[0].text.lower()
     assert finals[0].timings["asr_s"] >= 0 and finals[0].timings["final"] >= finals[0].timings["vad_end"]
-    assert any(e.kind == "asr.partial" for e in seen), "pocketsphinx should stream partial results"
     assert seen[-1].body.last_turn == turns[1]
-    # Unanswered, the utterances are sent again; once accepted and finished, the listener ends the run.
+    # Unanswered, the utterances are offered again; once accepted they are not, until answered
+    # (the listener offers again only after a quiet spell); once played, the run ends.
     repeats = collect_until(client, lambda e: e.kind == "asr.final" and e.turn == turns[0], timeout=5)
     assert repeats[-1].body.text == finals[0].text
     for turn in turns:
         client.publish(LlmAccepted(), turn=turn)
-        client.publish(TurnMetrics(timings={}), turn=turn)
+    after = time.monotonic()
+    quiet = [e for e in iter(lambda: client.recv(timeout=2.0), None) if e.kind == "asr.final"]
+    assert not quiet and time.monotonic() - after >= 2.0
+    client.publish(TurnMetrics(timings={}), turn=turns[0])
+    client.publish(LlmDone(finish_reason="cancelled", sentences=0), turn=turns[1])  # nothing to play: done too
     shutdown = wait_for(client, lambda e: e.kind == "ctl.shutdown", timeout=10)
-    assert shutdown.body.reason == "input ended"
+    assert shutdown.body.reason == "input ended" and not shutdown.body.failed
+
+
+def test_a_guess_goes_out_at_the_pause_and_the_final_confirms_it(run_listener, make_client, two_questions):
+    client = make_client("test", subscribe=("vad.", "asr.", "sys.ready"))
+    # In real time (decoding overlaps the silence, as live), with a window long enough for a decode even
+    # on a busy machine: this checks the order of things, not the speed (scripts/bench_turn.py does that).
+    run_listener(two_questions, fast=False, **{"vad.silence_ms": 1800, "vad.adaptive": False})
+    seen = collect_until(client, lambda e: e.kind == "asr.final", timeout=60)
+    guesses = [e.body for e in seen if e.kind == "asr.guess"]
+    final = seen[-1].body
+    assert guesses, [e.kind for e in seen]
+    assert final.guess == guesses[-1].rev and final.text == guesses[-1].text
+    ends = [e for e in seen if e.kind == "vad.end"]
+    assert seen.index(next(e for e in seen if e.kind == "asr.guess")) < seen.index(ends[0])
+    assert final.timings["asr_s"] < 0.15, final.timings  # the final was ready when the window closed
 
 
 def test_barge_in_interrupts_the_speaking_turn(run_listener, make_client, two_questions):
@@ -82,12 +105,12 @@ def test_barge_in_interrupts_the_speaking_turn(run_listener, make_client, two_qu
 
 
 def test_without_barge_in_speech_during_playback_is_ignored(run_listener, make_client, two_questions):
-    client = make_client("test", subscribe=("vad.", "ctl.interrupt", "audio.end", "sys.ready"))
+    client = make_client("test", subscribe=("vad.", "asr.", "ctl.interrupt", "audio.end", "sys.ready"))
     run_listener(two_questions, fast=False, **{"vad.barge_in": False})
     wait_for(client, lambda e: e.kind == "sys.ready", timeout=30)
     client.publish(PlayStart(index=0, text="I am talking"), turn=42)
     seen = collect_until(client, lambda e: e.kind == "audio.end")
-    assert not [e for e in seen if e.kind in ("vad.start", "ctl.interrupt")], [(e.kind, e.turn) for e in seen]
+    assert not [e for e in seen if e.kind in ("vad.start", "ctl.interrupt", "asr.final")], [e.kind for e in seen]
 
 
 def test_text_only_input_needs_no_model(run_listener, make_client):
@@ -96,3 +119,37 @@ def test_text_only_input_needs_no_model(run_listener, make_client):
     run_listener("none")
     ready = wait_for(client, lambda e: e.kind == "sys.ready", timeout=10)
     assert ready.body.load_s < 1 and time.monotonic() - start < 10
+
+
+def test_a_silent_file_ends_the_run_with_a_reason(run_listener, make_client, tmp_path):
+    quiet = tmp_path / "quiet.wav"
+    write_wav(quiet, bytes(16000 * 2 * 3), 16000)
+    client = make_client("test", subscribe=("ctl.shutdown",))
+    run_listener(quiet)
+    shutdown = wait_for(client, lambda e: e.kind == "ctl.shutdown", timeout=30)
+    assert shutdown.body.failed and "no speech was heard" in shutdown.body.reason
+
+
+def test_answers_that_never_come_end_the_run_with_a_reason(run_listener, make_client, two_questions):
+    client = make_client("test", subscribe=("ctl.shutdown", "audio.end"))
+    listener = run_listener(two_questions)
+    listener.no_news_s = 2.0
+    wait_for(client, lambda e: e.kind == "audio.end", timeout=60)
+    shutdown = wait_for(client, lambda e: e.kind == "ctl.shutdown", timeout=15)
+    assert shutdown.body.failed and "no answer" in shutdown.body.reason and "thinker" in shutdown.body.reason
+
+
+def test_a_restarted_listener_resumes_the_file_and_offers_what_was_pending(run_actor, make_client, two_questions):
+    client = make_client("test", subscribe=("vad.start", "asr.final", "audio.end"))
+    settings = {"audio.input": str(two_questions), "audio.fast": False}
+    first = run_actor(Listener, **settings)
+    heard = wait_for(client, lambda e: e.kind == "asr.final", timeout=60)
+    first.stop("killed")  # its progress stays on disk, as after a crash
+    time.sleep(0.5)
+    run_actor(Listener, **settings)
+    seen = collect_until(client, lambda e: e.kind == "audio.end", timeout=60)
+    again = [e for e in seen if e.kind == "asr.final" and e.turn == heard.turn]
+    assert again and again[0].body.text == heard.body.text  # the pending question, same turn id
+    new_turns = {e.turn for e in seen if e.kind == "vad.start"}
+    finals = {e.turn: e.body.text.lower() for e in seen if e.kind == "asr.final" and e.turn in new_turns}
+    assert len(finals) == 1 and "joke" in finals.popitem()[1]  # only the second question was heard again

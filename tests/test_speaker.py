@@ -9,7 +9,7 @@ import pytest
 from voicebus.engine.client import BusClient
 from voicebus.engine.messages import Interrupt, new_turn_id
 from voicebus.workers.audio import read_wav
-from voicebus.workers.kinds import AsrFinal, LlmDone, LlmSentence, LlmToken, Say, VadEnd
+from voicebus.workers.kinds import AsrFinal, AsrGuess, AsrRevoke, LlmDone, LlmSentence, LlmToken, Say, VadEnd
 from voicebus.workers.speaker import Speaker, latencies
 
 from conftest import wait_for
@@ -83,17 +83,132 @@ def test_interrupt_cuts_the_sentence_and_drops_the_turn(speaker, make_client):
     assert abs(len(pcm) / 32 - body.spoken_ms) < 100 and len(pcm) / 32 < body.total_ms
 
 
-def test_a_newer_turn_supersedes_and_say_speaks(speaker, make_client):
+def test_turns_play_in_order_and_say_waits_its_turn(speaker, make_client):
     client = make_client("test", subscribe=("play.", "metrics.", "sys.ready"))
     ready(client)
     old, new = new_turn_id(), new_turn_id() + 1
-    client.publish(LlmSentence(text=LONG, index=0), turn=old)
+    client.publish(LlmSentence(text="This answer is being read out now.", index=0), turn=old)
+    client.publish(LlmDone(finish_reason="stop", sentences=1), turn=old)
     wait_for(client, lambda e: e.kind == "play.start" and e.turn == old, timeout=30)
     client.publish(Say(text="Something else."), turn=new)
     seen = []
     wait_for(client, lambda e: seen.append(e) or (e.kind == "metrics.turn" and e.turn == new), timeout=30)
-    assert any(e.kind == "play.stopped" and e.turn == old and e.body.reason == "superseded" for e in seen)
-    assert any(e.kind == "play.done" and e.turn == new for e in seen)
+    assert not any(e.kind == "play.stopped" for e in seen), "a newer turn must not cut an older one"
+    order = [(e.kind, e.turn) for e in seen if e.kind in ("play.done", "play.start")]
+    assert order.index(("play.done", old)) < order.index(("play.start", new))
+
+
+def test_each_sentence_plays_once_in_order_whatever_the_bus_does(speaker, make_client):
+    client = make_client("test", subscribe=("play.", "metrics.", "llm.resend", "sys.ready"))
+    ready(client)
+    turn = new_turn_id()
+    # Out of order, duplicated, and with a hole that only a resend fills.
+    client.publish(LlmSentence(text="Second.", index=1), turn=turn)
+    client.publish(LlmSentence(text="First.", index=0), turn=turn)
+    client.publish(LlmSentence(text="First.", index=0, replay=True), turn=turn)
+    client.publish(LlmSentence(text="Fourth.", index=3), turn=turn)
+    client.publish(LlmDone(finish_reason="stop", sentences=4), turn=turn)
+    seen = []
+    resend = wait_for(client, lambda e: seen.append(e) or e.kind == "llm.resend", timeout=30)
+    assert resend.turn == turn and resend.body.from_index == 2
+    client.publish(LlmSentence(text="Third.", index=2, replay=True), turn=turn)
+    client.publish(LlmSentence(text="Fourth.", index=3, replay=True), turn=turn)
+    wait_for(client, lambda e: seen.append(e) or (e.kind == "metrics.turn" and e.turn == turn), timeout=30)
+    assert [e.body.text for e in seen if e.kind == "play.start"] == ["First.", "Second.", "Third.", "Fourth."]
+
+
+def test_a_restarted_speaker_skips_what_was_heard_and_plays_the_rest(speaker, make_client):
+    """What a speaker started mid-turn sees: the thinker's replay marks the sentences already played."""
+    client = make_client("test", subscribe=("play.", "metrics.", "llm.resend", "sys.ready"))
+    ready(client)
+    turn = new_turn_id()
+    client.publish(LlmSentence(text="Three.", index=2), turn=turn)  # the first it hears of the turn
+    resend = wait_for(client, lambda e: e.kind == "llm.resend", timeout=30)
+    assert resend.body.from_index == 0
+    for index, (text, played) in enumerate([("One.", True), ("Two.", True), ("Three.", False)]):
+        client.publish(LlmSentence(text=text, index=index, replay=True, played=played), turn=turn)
+    client.publish(LlmDone(finish_reason="stop", sentences=3, replay=True), turn=turn)
+    seen = []
+    metrics = wait_for(client, lambda e: seen.append(e) or e.kind == "metrics.turn", timeout=30)
+    assert [e.body.text for e in seen if e.kind == "play.start"] == ["Three."]
+    assert metrics.body.outcome == "done"
+
+
+def _prepared(client: BusClient, turn: int, guess: int, texts: list[str]) -> None:
+    """A guess and the thinker's answer to it, as they come before the turn is confirmed."""
+    client.publish(AsrGuess(text="what is the capital of france", rev=guess, offset_ms=900), turn=turn)
+    for index, text in enumerate(texts):
+        client.publish(LlmSentence(text=text, index=index, guess=guess), turn=turn)
+
+
+def _quiet(client: BusClient, seconds: float) -> list:
+    """Everything that arrives within ``seconds``."""
+    seen, deadline = [], time.monotonic() + seconds
+    while (left := deadline - time.monotonic()) > 0:
+        env = client.recv(timeout=left)
+        if env is not None:
+            seen.append(env)
+    return seen
+
+
+def test_a_guess_is_prepared_held_and_plays_at_once_when_confirmed(speaker, make_client):
+    client = make_client("test", subscribe=("play.", "metrics.", "sys.ready"))
+    ready(client)
+    turn = new_turn_id()
+    _prepared(client, turn, 1, ["Paris is the capital of France.", "It is a big city."])
+    assert not [e for e in _quiet(client, 1.5) if e.kind == "play.start"], "held audio was played"
+    confirmed = time.monotonic()
+    client.publish(AsrFinal(text="what is the capital of france", guess=1), turn=turn)
+    start = wait_for(client, lambda e: e.kind == "play.start" and e.turn == turn, timeout=10)
+    print(f"confirmation → first audio with the audio prepared: {(time.monotonic() - confirmed) * 1000:.0f} ms")
+    assert time.monotonic() - confirmed < 0.5 and start.body.index == 0
+    client.publish(LlmDone(finish_reason="stop", sentences=2), turn=turn)
+    seen = []
+    metrics = wait_for(client, lambda e: seen.append(e) or e.kind == "metrics.turn", timeout=30)
+    assert [e.body.index for e in seen if e.kind == "play.done"] == [0, 1]
+    assert metrics.body.outcome == "done" and metrics.body.timings["speculation_saved_s"] > 0
+
+
+@pytest.mark.parametrize("void", ["revoke", "newer guess", "other final", "barge-in"])
+def test_a_guess_that_is_not_confirmed_is_never_heard(speaker, make_client, void):
+    client = make_client("test", subscribe=("play.", "metrics.", "sys.ready"))
+    ready(client)
+    turn = new_turn_id()
+    _prepared(client, turn, 1, ["This guess is wrong and must never be heard."])
+    time.sleep(0.5)  # let it be synthesized and held
+    if void == "revoke":
+        client.publish(AsrRevoke(rev=1), turn=turn)
+    elif void == "newer guess":
+        _prepared(client, turn, 2, ["The right answer."])
+        client.publish(AsrFinal(text="what is the capital of france", guess=2), turn=turn)
+    elif void == "other final":
+        client.publish(AsrFinal(text="what is the capital of peru", guess=0), turn=turn)
+    else:
+        client.publish(Interrupt(reason="barge-in"), turn=turn)
+    if void in ("revoke", "other final"):
+        client.publish(LlmSentence(text="The right answer.", index=0), turn=turn)
+    if void != "barge-in":
+        client.publish(LlmDone(finish_reason="stop", sentences=1), turn=turn)
+        seen = []
+        wait_for(client, lambda e: seen.append(e) or e.kind == "metrics.turn", timeout=30)
+        assert [e.body.text for e in seen if e.kind == "play.start"] == ["The right answer."]
+    else:
+        client.publish(AsrFinal(text="what is the capital of france", guess=1), turn=turn)  # too late
+        assert not [e for e in _quiet(client, 1.5) if e.kind == "play.start"]
+
+
+def test_a_speaker_that_missed_the_confirmation_plays_when_the_thinker_resends(speaker, make_client):
+    client = make_client("test", subscribe=("play.", "metrics.", "sys.ready"))
+    ready(client)
+    turn = new_turn_id()
+    _prepared(client, turn, 1, ["Paris."])
+    time.sleep(0.3)
+    # No asr.final reached this speaker; the thinker's commit sends the sentence again, confirmed.
+    client.publish(LlmSentence(text="Paris.", index=0, replay=True), turn=turn)
+    client.publish(LlmDone(finish_reason="stop", sentences=1), turn=turn)
+    seen = []
+    wait_for(client, lambda e: seen.append(e) or e.kind == "metrics.turn", timeout=30)
+    assert [e.body.text for e in seen if e.kind == "play.start"] == ["Paris."]
 
 
 def test_latencies_derive_the_spans():

@@ -9,13 +9,19 @@ from voicebus.engine.client import BusClient
 from voicebus.engine.messages import Interrupt, new_turn_id
 from voicebus.workers.kinds import Ask, PlayStopped
 from voicebus.workers.memory import Conversation
-from voicebus.workers.thinker import APOLOGY, Thinker, normalize, spoken_part
+from voicebus.workers.stop_phrases import StopPhrases, normalize
+from voicebus.workers.thinker import APOLOGY, Thinker, spoken_part
 
 from conftest import wait_for
 
 
 def test_normalize_and_spoken_part():
     assert normalize("  Good-bye! ") == "good bye" and normalize("STOP.") == "stop"
+    stops = StopPhrases(["stop", "goodbye"])
+    for said in ("Stop.", "stop", "STOP!", "Stop, stop.", "Okay, stop please.", "Good bye.", "Goodbye!", "good-bye"):
+        assert stops.matches(said), said
+    for said in ("How do I stop a nosebleed?", "Stop the music.", "Say goodbye to my sister.", "", "Please."):
+        assert not stops.matches(said), said
     sentences = ["One two three four.", "Five six seven eight."]
     assert spoken_part(sentences, 1, 500, 1000) == "One two three four. Five six…"
     assert spoken_part(sentences, 0, 0, 1000) == ""

@@ -18,7 +18,7 @@ import pytest
 
 from voicebus.engine.errors import ConfigError
 from voicebus.workers.audio import FRAME_BYTES, RATE, Resampler, read_wav
-from voicebus.workers.vad import Endpointer, SpeechEnd, SpeechStart
+from voicebus.workers.vad import Endpointer, SpeechEnd, SpeechPause, SpeechResume, SpeechStart
 
 SAMPLES_PER_MS = RATE // 1000
 TEXTS = ("Hello there, how are you doing today?", "Please tell me the weather in Paris.")
@@ -87,8 +87,13 @@ def feed_all(endpointer: Endpointer, *parts: np.ndarray) -> list[tuple[int, Spee
     return events
 
 
-def kinds(events) -> list[str]:
-    return [type(e).__name__ for _, e in events]
+def kinds(events, *, pauses: bool = False) -> list[str]:
+    """Event class names; pauses and resumes only when asked for."""
+    return [type(e).__name__ for _, e in events if pauses or not isinstance(e, (SpeechPause, SpeechResume))]
+
+
+def starts_and_ends(events):
+    return [(at, e) for at, e in events if isinstance(e, (SpeechStart, SpeechEnd))]
 
 
 # --- no speech -------------------------------------------------------------------------------
@@ -128,7 +133,7 @@ def test_min_speech_ms_decides_how_long_a_sound_must_last():
 def test_two_utterances_give_two_turns_at_the_right_times(speech):
     first, second = speech
     lead, gap = 700, 1000
-    events = feed_all(Endpointer(), silence(lead), first, silence(gap), second, silence(1500))
+    events = starts_and_ends(feed_all(Endpointer(), silence(lead), first, silence(gap), second, silence(1500)))
     assert kinds(events) == ["SpeechStart", "SpeechEnd", "SpeechStart", "SpeechEnd"]
 
     first_end = lead + len(first) / SAMPLES_PER_MS
@@ -144,7 +149,7 @@ def test_two_utterances_give_two_turns_at_the_right_times(speech):
 def test_end_fires_about_silence_ms_after_the_speech_stops(speech, silence_ms):
     lead = 500
     # speech[1] has no pause of its own, so even a short silence_ms ends it only once.
-    events = feed_all(Endpointer(silence_ms=silence_ms), silence(lead), speech[1], silence(3000))
+    events = starts_and_ends(feed_all(Endpointer(silence_ms=silence_ms), silence(lead), speech[1], silence(3000)))
     assert kinds(events) == ["SpeechStart", "SpeechEnd"]
     fired_at, end = events[1]
     true_end = lead + len(speech[1]) / SAMPLES_PER_MS
@@ -174,7 +179,7 @@ def test_start_is_confirmed_quickly_and_preroll_holds_the_onset(speech):
 def test_a_pause_shorter_than_silence_ms_does_not_split_the_utterance(speech):
     first, second = speech
     # The first clip also holds piper's ~280 ms comma pause ("Hello there, how ...").
-    short = feed_all(Endpointer(silence_ms=500), silence(500), first, silence(300), second, silence(1500))
+    short = starts_and_ends(feed_all(Endpointer(silence_ms=500), silence(500), first, silence(300), second, silence(1500)))
     assert kinds(short) == ["SpeechStart", "SpeechEnd"]
     whole_ms = (len(first) + len(second)) / SAMPLES_PER_MS + 300
     assert abs(short[1][1].speech_ms - whole_ms) <= 150
@@ -192,7 +197,7 @@ def test_in_speech_tracks_the_turn_and_reset_drops_it(speech):
     assert not endpointer.in_speech
     assert endpointer.offset_ms == clock  # the stream clock runs on
     # No SpeechEnd for the dropped turn; the next utterance starts a fresh one at stream time.
-    events = feed_all(endpointer, silence(1000), speech[1], silence(1000))
+    events = starts_and_ends(feed_all(endpointer, silence(1000), speech[1], silence(1000)))
     assert kinds(events) == ["SpeechStart", "SpeechEnd"]
     assert abs(events[0][1].offset_ms - (clock + 1000)) <= 100
 
@@ -207,4 +212,36 @@ def test_bad_frames_and_settings_are_refused():
         Endpointer(aggressiveness=4)
     with pytest.raises(ConfigError, match="silence_ms"):
         Endpointer(silence_ms=-1)
+    with pytest.raises(ConfigError, match="silence_ms"):
+        Endpointer().silence_ms = 60_000
+
+
+def test_a_pause_is_reported_soon_after_the_sound_stops_and_resume_when_it_comes_back(speech):
+    first, second = speech
+    lead = 500
+    events = feed_all(Endpointer(silence_ms=800), silence(lead), first, silence(400), second, silence(1500))
+    assert kinds(events) == ["SpeechStart", "SpeechEnd"]
+    true_end = lead + len(first) / SAMPLES_PER_MS
+    pauses = [(at, e) for at, e in events if isinstance(e, SpeechPause) and abs(e.offset_ms - true_end) < 150]
+    assert pauses, kinds(events, pauses=True)
+    fired_at, pause = pauses[0]
+    assert fired_at - true_end <= 250  # soon enough to decode during the silence window
+    after = [e for at, e in events if at > fired_at]
+    assert isinstance(after[0], SpeechResume) and abs(after[0].offset_ms - (true_end + 400)) <= 120
+    # every pause is followed by a resume or by the end
+    names = kinds(events, pauses=True)
+    for i, name in enumerate(names):
+        if name == "SpeechPause":
+            assert names[i + 1] in ("SpeechResume", "SpeechEnd"), names
+
+
+def test_the_silence_window_can_grow_while_the_utterance_goes_on(speech):
+    endpointer = Endpointer(silence_ms=300)
+    events = feed_all(endpointer, silence(500), speech[1])
+    assert endpointer.in_speech
+    endpointer.silence_ms = 1200  # e.g. the words so far end mid-phrase
+    events = feed_all(endpointer, silence(1000))
+    assert kinds(events) == []  # 300 ms would have ended it
+    events = feed_all(endpointer, silence(400))
+    assert kinds(events) == ["SpeechEnd"]
 

@@ -20,8 +20,14 @@ Progress = Callable[[str], None]
 
 
 def state_dir(settings: Settings) -> Path:
+    """The state folder (history, assembled models), created if missing; ConfigError if unusable."""
     path = expand(settings.state.dir)
-    path.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise ConfigError(f"state dir {path} is a file, not a folder: set state.dir (VOICEBUS_STATE_DIR)") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot create state dir {path}: {exc.strerror or exc}") from None
     return path
 
 
@@ -34,7 +40,10 @@ def open_recognizer(settings: Settings, progress: Progress | None = None) -> Rec
     if asr.backend == "whisper":
         from voicebus.workers.asr.whisper import WhisperRecognizer
 
-        return WhisperRecognizer(language=asr.language, cache_dir=state_dir(settings) / "models", progress=progress)
+        return WhisperRecognizer(
+            language=asr.language, cache_dir=state_dir(settings) / "models", progress=progress,
+            beam_size=asr.beam_size, threads=asr.threads,
+        )
     if asr.backend == "azure":
         from voicebus.workers.asr.azure import AzureRecognizer
 
@@ -52,7 +61,7 @@ def open_chat(settings: Settings) -> ChatBackend:
 
         return LocalChat(
             llm.model_path or None, context_tokens=llm.context_tokens, threads=llm.threads or None,
-            sampling=Sampling(temperature=llm.temperature),
+            sampling=Sampling(temperature=llm.temperature), repack=llm.repack,
         )
     if llm.backend == "openai":
         from voicebus.workers.llm.openai_chat import OpenAIChat

@@ -34,7 +34,16 @@ class VadSettings:
     aggressiveness: int = 2
     """webrtcvad 0 (least) .. 3 (most aggressive at calling audio non-speech)"""
     silence_ms: int = 500
-    """silence that ends an utterance"""
+    """silence that ends an utterance (the base window; see adaptive)"""
+    adaptive: bool = True
+    """fit the silence window to the words heard so far (workers/turn_end.py)"""
+    complete_ms: int = 300
+    """the window after a complete question or command"""
+    incomplete_ms: int = 1400
+    """the window when the words so far end mid-phrase ("set a timer for…")"""
+    speculate: bool = True
+    """publish a tentative transcript at each pause (asr.guess): the thinker and speaker prepare the answer
+    while the silence window runs, and nothing of it is heard or remembered unless the final confirms it"""
     preroll_ms: int = 300
     min_speech_ms: int = 200
     barge_in: bool = True
@@ -43,8 +52,13 @@ class VadSettings:
 
 @dataclass(frozen=True)
 class AsrSettings:
-    backend: str = "pocketsphinx"
-    """pocketsphinx | whisper | azure"""
+    backend: str = "whisper"
+    """whisper (accurate; needs the whisper extra, part of the default install) | pocketsphinx (fast,
+    inaccurate on voices it was not tuned on) | azure"""
+    beam_size: int = 5
+    """whisper: beam search width (1 = greedy, faster, less accurate)"""
+    threads: int = 0
+    """whisper: CPU threads (0 = all cores)"""
     language: str = field(default="en-US", metadata=env_names("SPEECH_RECOGNITION_LANGUAGE"))
     speech_key: str = field(default="", metadata={**env_names("SPEECH_KEY"), **secret()})
     speech_region: str = field(default="", metadata=env_names("SPEECH_REGION"))
@@ -60,6 +74,9 @@ class LlmSettings:
     context_tokens: int = 2048
     threads: int = 0
     """local: CPU threads (0 = all cores)"""
+    repack: str = "auto"
+    """local: let llama.cpp repack weights for this CPU: auto (off where the CPU reports AMX,
+    llama.cpp issue 20824) | on | off"""
     max_tokens: int = 200
     temperature: float = 0.2
     """sampling temperature (low: a tiny model wanders when sampled hotly)"""

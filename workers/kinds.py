@@ -66,11 +66,37 @@ class AsrPartial(Body, kind="asr.partial"):
 
 
 @dataclass(frozen=True, kw_only=True)
+class AsrGuess(Body, kind="asr.guess"):
+    """A tentative transcript, made at a pause before the turn is over.
+
+    The thinker may start answering it and the speaker may synthesize that answer,
+    but nobody plays or remembers anything of it until an ``asr.final`` confirms
+    this guess (its ``guess`` field names this ``rev``).
+    """
+
+    text: str
+    rev: int
+    """1, 2, … within the turn: each pause makes a new guess"""
+    offset_ms: int
+    """input time where the pause began"""
+
+
+@dataclass(frozen=True, kw_only=True)
+class AsrRevoke(Body, kind="asr.revoke"):
+    """The guess ``rev`` is void (the person went on speaking): drop whatever was prepared for it."""
+
+    rev: int
+    reason: str = "speech resumed"
+
+
+@dataclass(frozen=True, kw_only=True)
 class AsrFinal(Body, kind="asr.final"):
     text: str
     confidence: float | None = None
     timings: dict[str, float] = field(default_factory=dict)
-    """speech_end, final (epoch seconds), asr_s (speech end → final)"""
+    """speech_end, vad_end, final (epoch seconds), asr_s (vad.end → final), decode_s, silence_window_s"""
+    guess: int = 0
+    """the guess (rev) this final confirms, its text being the guess's; 0: none, and any guess of the turn is void"""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -81,10 +107,17 @@ class AsrNoMatch(Body, kind="asr.nomatch"):
 
 @dataclass(frozen=True, kw_only=True)
 class LlmAccepted(Body, kind="llm.accepted"):
-    """The thinker has the utterance and will answer it (stops the sender's redelivery)."""
+    """The thinker has recorded the utterance and will answer it (the sender stops repeating it).
+
+    Sent only once the turn is on disk, so an acknowledged turn survives a thinker
+    crash; sent again whenever the utterance is repeated while it is still queued or
+    being answered.
+    """
 
     queued: int = 0
     """answers waiting before this one"""
+    note: str = ""
+    """something the asker should know (the question was cut to fit, the history is not being saved)"""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -99,16 +132,38 @@ class LlmSentence(Body, kind="llm.sentence"):
     """what the voice should read (already made speakable)"""
     index: int
     """0-based position in the turn's answer"""
+    replay: bool = False
+    """sent again (a repeated utterance, a resend request, a resumed turn): receivers drop duplicates by index"""
+    played: bool = False
+    """(replays) the speaker already finished playing it: a speaker that does not know the turn skips it"""
+    guess: int = 0
+    """nonzero: part of an answer to the unconfirmed guess of that rev — prepare it, do not play it"""
 
 
 @dataclass(frozen=True, kw_only=True)
 class LlmDone(Body, kind="llm.done"):
+    """The end of a turn's answer: every accepted turn gets exactly one (plus replays)."""
+
     finish_reason: str
+    """stop | length | cancelled (interrupted; see reason) | error | stop_phrase | abandoned |
+    revoked (the answer to a guess that was not confirmed: ``guess`` says which)"""
     sentences: int
     """how many llm.sentence messages the turn has"""
     text: str = ""
     timings: dict[str, float] = field(default_factory=dict)
     """request, first_token, first_sentence, done (epoch s); ttft_s, tokens_per_s"""
+    reason: str = ""
+    """why it ended that way, for people (e.g. what interrupted it)"""
+    replay: bool = False
+    guess: int = 0
+    """(revoked) the guess whose speculative answer this ends"""
+
+
+@dataclass(frozen=True, kw_only=True)
+class LlmResend(Body, kind="llm.resend"):
+    """Send this turn's sentences again from ``from_index`` (a receiver found a gap)."""
+
+    from_index: int = 0
 
 
 @dataclass(frozen=True, kw_only=True)

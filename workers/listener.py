@@ -1,10 +1,18 @@
 """The listener: audio in → voice activity → speech recognition → the user's words on the bus.
 
-Audio is read and recognized on a thread of its own; the bus loop only tracks
-what the assistant is doing (for barge-in), acknowledges answered turns and
-repeats unanswered ones (see ``redelivery``). When a WAV input ends, the
-listener waits for the last answer to be spoken and then asks everyone to
-shut down, so ``voicebus up --input q.wav --output a.wav`` exits by itself.
+Audio is read on a thread of its own and handed to the front end (``hearing``),
+which detects utterances and transcribes them on its decode thread. This actor
+turns what it hears into bus messages, assigns turn ids, interrupts the
+assistant when the user starts talking over it (barge-in), and delivers every
+utterance (see ``redelivery``): it offers it until the thinker accepts it and
+keeps it until its answer was played, offering it again if the turn goes quiet.
+
+What it must not forget across a restart — the utterances still pending, and
+for a file how far it got — is kept on disk (``listener_progress``). When a
+file input ends, the listener waits for the last answer and then asks everyone
+to shut down, so ``voicebus up --input q.wav --output a.wav`` exits by itself;
+if answers stop coming, or nothing was said in the file at all, it shuts down
+with a reason and ``voicebus up`` exits non-zero.
 """
 
 from __future__ import annotations
@@ -16,25 +24,31 @@ import time
 from voicebus.engine.actor import Actor, handles
 from voicebus.engine.client import BusClient
 from voicebus.engine.errors import VoicebusError
-from voicebus.engine.messages import Envelope, Interrupt, Shutdown, new_turn_id
+from voicebus.engine.messages import Envelope, Error, Interrupt, Shutdown, new_turn_id
 from voicebus.workers import backends
-from voicebus.workers.audio import FRAME_BYTES, RATE, open_source
+from voicebus.workers.audio import FRAME_BYTES, FRAME_MS, RATE, open_source
 from voicebus.workers.config import Settings
+from voicebus.workers.hearing import Ended, Event, Final, Guess, Hearing, NoMatch, Partial, Revoked, SpeechStarted
 from voicebus.workers.kinds import (
     AsrFinal,
+    AsrGuess,
     AsrNoMatch,
     AsrPartial,
+    AsrRevoke,
     AudioEnd,
     AudioIn,
+    LlmDone,
     VadEnd,
     VadStart,
 )
-from voicebus.workers.redelivery import ACK_KINDS, Redelivery
-from voicebus.workers.vad import Endpointer, SpeechEnd, SpeechStart
+from voicebus.workers.listener_progress import Progress, ProgressFile, run_key
+from voicebus.workers.redelivery import ANSWER_KINDS, Redelivery
+from voicebus.workers.turn_end import EndOfTurn
+from voicebus.workers.vad import Endpointer
 
 SILENCE = bytes(FRAME_BYTES)
-EOF_WAIT_S = 300.0
-"""After the input ends, how long the last answer may take before we shut down anyway."""
+NO_NEWS_S = 60.0
+"""After the input ended, how long pending answers may go without any news before the run fails."""
 
 
 class Listener(Actor):
@@ -44,37 +58,61 @@ class Listener(Actor):
         super().__init__(client)
         self.settings = settings
         self.source = None
-        self.recognizer = None
-        self.vad: Endpointer | None = None
+        self.hearing: Hearing | None = None
         self.redelivery = Redelivery()
         self._lock = threading.Lock()
-        self._open_turns: set[int] = set()
-        """turns whose utterance went out and whose answer has not finished playing"""
+        self._turns: dict[int, int] = {}
+        """utterance number → turn id"""
+        self._cut_short: set[int] = set()
+        """turns whose transcript was still being made when the user spoke again: interrupted on arrival"""
+        self._guesses: dict[int, tuple[int, str]] = {}
+        """utterance number → the last guess published (rev, text)"""
+        self._ended: dict[int, tuple[Ended, float, float]] = {}
+        """utterance number → its end, the wall-clock time it was reported, and when the speech stopped"""
         self._speaking: int | None = None
         self._eof_at: float | None = None
         self._last_turn = 0
-        self._ignoring = False
         self._thread: threading.Thread | None = None
+        self._progress_file: ProgressFile | None = None
+        self._progress = Progress()
+        self._base_ms = 0
+        """input time where this listener started reading (a restarted one resumes mid-file)"""
+        self.no_news_s = NO_NEWS_S
 
     def backends(self) -> dict[str, str]:
         return {"asr": self.settings.asr.backend, "input": self.settings.audio.input}
 
     def load(self) -> None:
         audio, vad = self.settings.audio, self.settings.vad
-        self.source = open_source(audio.input, realtime=not audio.fast)
+        self._progress_file = ProgressFile(backends.state_dir(self.settings) / "runs", run_key(audio.input))
+        self._progress = self._progress_file.load()
+        self._resume_pending()
+        is_file = audio.input.strip().lower() not in ("mic", "none") and not audio.input.startswith("mic:")
+        self._base_ms = self._progress.resume_ms if is_file else 0
+        self.source = open_source(audio.input, realtime=not audio.fast, start_ms=self._base_ms)
         if self.source is None:
             return  # text only: utterances arrive as ctl.ask, straight to the thinker
         print(f"listener: loading {self.settings.asr.backend} speech recognition…", file=sys.stderr, flush=True)
-        self.recognizer = backends.open_recognizer(self.settings, progress=self._progress)
-        self.vad = Endpointer(
+        recognizer = backends.open_recognizer(self.settings, progress=self._progress_line)
+        endpointer = Endpointer(
             aggressiveness=vad.aggressiveness, preroll_ms=vad.preroll_ms, silence_ms=vad.silence_ms,
             min_speech_ms=vad.min_speech_ms,
         )
+        end_of_turn = EndOfTurn(vad.silence_ms, vad.complete_ms, vad.incomplete_ms, adaptive=vad.adaptive)
+        self.hearing = Hearing(recognizer, endpointer, self._heard, end_of_turn=end_of_turn)
+        self._recognizer = recognizer
         self._thread = threading.Thread(target=self._listen, name="listener-audio", daemon=True)
         self._thread.start()
 
+    def _resume_pending(self) -> None:
+        """Offer again what a previous listener of this run sent and did not see finished."""
+        now = time.monotonic()
+        for turn, fields in self._progress.pending.items():
+            self.redelivery.sent(int(turn), AsrFinal(**fields), now - self.redelivery.interval_s)
+        self._last_turn = self._progress.last_turn
+
     @staticmethod
-    def _progress(text: str) -> None:
+    def _progress_line(text: str) -> None:
         print(f"listener: {text}", file=sys.stderr, flush=True)
 
     # --- bus loop ---------------------------------------------------------------------------
@@ -83,33 +121,62 @@ class Listener(Actor):
     def on_play_start(self, env: Envelope) -> None:
         with self._lock:
             self._speaking = env.turn
+        self.redelivery.heard(env.turn, env.kind, time.monotonic())
 
     @handles("metrics.turn")
     def on_turn_finished(self, env: Envelope) -> None:
         with self._lock:
-            self._open_turns.discard(env.turn)
             if self._speaking == env.turn:
                 self._speaking = None
+        self._finished(env.turn)
 
-    @handles(*ACK_KINDS)
-    def on_answer(self, env: Envelope) -> None:
-        self.redelivery.ack(env.turn)
+    @handles(*ANSWER_KINDS, "play.done", "play.stopped")
+    def on_news(self, env: Envelope) -> None:
+        self.redelivery.heard(env.turn, env.kind, time.monotonic())
+        if isinstance(env.body, LlmDone) and env.body.sentences == 0:
+            self._finished(env.turn)  # nothing to play: the thinker's word is the end
+
+    def _finished(self, turn: int) -> None:
+        if turn in self.redelivery:
+            self.redelivery.finished(turn)
+            self._save_progress()
 
     def tick(self) -> None:
-        for turn, body in self.redelivery.due(time.monotonic()):
+        now = time.monotonic()
+        for turn, body in self.redelivery.due(now):
             self.bus.publish(body, turn=turn)
-        with self._lock:
-            done = self._eof_at is not None and (
-                not self._open_turns or time.monotonic() - self._eof_at > EOF_WAIT_S
-            )
-        if done:
-            self.bus.publish(Shutdown(reason="input ended"))
-            self._eof_at = None
+        if self._eof_at is None:
+            return
+        if not len(self.redelivery):
+            if not self._progress.heard_any:
+                what = "no speech was heard" if not self._progress.utterances else (
+                    f"nothing could be recognized in the {self._progress.utterances} utterance(s) heard")
+                self._fail(f"{what} in {self.settings.audio.input}")
+            else:
+                self._eof_at = None
+                self._done()
+                self.bus.publish(Shutdown(reason="input ended"))
+        elif self.redelivery.quiet_for(now) > self.no_news_s and now - self._eof_at > self.no_news_s:
+            turns = ", ".join(str(t) for t in self.redelivery.pending())
+            self._fail(f"no answer to turn(s) {turns} for {self.no_news_s:.0f} s: "
+                       f"is a thinker running on {self.settings.bus.url}?")
+
+    def _fail(self, reason: str) -> None:
+        self._eof_at = None
+        print(f"listener: {reason}", file=sys.stderr, flush=True)
+        self.bus.publish(Error(where="listener", code="no_answer", message=reason))
+        self._done()
+        self.bus.publish(Shutdown(reason=reason, failed=True))
+
+    def _done(self) -> None:
+        """The run's input is over and handled: its progress record is no longer needed."""
+        if self._progress_file is not None:
+            self._progress_file.remove()
 
     # --- audio thread -----------------------------------------------------------------------
 
     def _listen(self) -> None:
-        assert self.source is not None and self.vad is not None
+        assert self.source is not None and self.hearing is not None
         publish_audio = self.settings.audio.publish_audio
         try:
             for frame in self.source:
@@ -117,10 +184,11 @@ class Listener(Actor):
                     return
                 if publish_audio:
                     self.bus.publish(AudioIn(pcm=frame, rate=RATE), turn=self._last_turn)
-                self._frame(frame)
+                self.hearing.feed(frame)
             # The input ended: silence lets an utterance in progress end the usual way.
-            while self.vad.in_speech and not self.stopping:
-                self._frame(SILENCE)
+            while self.hearing.in_speech and not self.stopping:
+                self.hearing.feed(SILENCE)
+            self.hearing.drain()
         except VoicebusError as exc:
             self.bus.report("listener.audio", exc)
             print(f"listener: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
@@ -130,74 +198,100 @@ class Listener(Actor):
         with self._lock:
             self._eof_at = time.monotonic()
 
-    def _frame(self, frame: bytes) -> None:
-        assert self.vad is not None and self.recognizer is not None
-        events = self.vad.feed(frame)
-        for event in events:
-            if isinstance(event, SpeechStart):
-                self._speech_started(event)
-            elif isinstance(event, SpeechEnd):
-                self._speech_ended(event)
-        if self.vad.in_speech and not self._ignoring and not any(isinstance(e, SpeechStart) for e in events):
-            partial = self.recognizer.feed(frame)
-            if partial:
-                self.bus.publish(AsrPartial(text=partial), turn=self._last_turn)
+    # --- what the front end heard (audio or decode thread) -----------------------------------
 
-    def _speech_started(self, event: SpeechStart) -> None:
-        assert self.recognizer is not None
-        turn = new_turn_id()
+    def _heard(self, event: Event) -> None:
+        if isinstance(event, SpeechStarted):
+            self._speech_started(event)
+            return
+        turn = self._turns.get(event.utterance)
+        if turn is None:
+            return  # an utterance ignored (half duplex)
+        if isinstance(event, Partial):
+            self.bus.publish(AsrPartial(text=event.text), turn=turn)
+        elif isinstance(event, Ended):
+            self._speech_ended(event, turn)
+        elif isinstance(event, (Final, NoMatch)):
+            self._recognized(event, turn)
+        elif isinstance(event, Guess) and self.settings.vad.speculate:
+            self._guesses[event.utterance] = (event.rev, event.text)
+            self.bus.publish(AsrGuess(text=event.text, rev=event.rev, offset_ms=self._base_ms + event.offset_ms),
+                             turn=turn)
+        elif isinstance(event, Revoked) and self._guesses.get(event.utterance, (0, ""))[0] == event.rev:
+            del self._guesses[event.utterance]
+            self.bus.publish(AsrRevoke(rev=event.rev), turn=turn)
+
+    def _speech_started(self, event: SpeechStarted) -> None:
+        assert self.hearing is not None
         with self._lock:
             speaking = self._speaking
-            interrupted = sorted(self._open_turns | ({speaking} if speaking else set()))
+            interrupted = sorted(set(self.redelivery.pending()) | ({speaking} if speaking else set()))
         if speaking and not self.settings.vad.barge_in:
             # Half duplex (open speakers, no echo cancellation): what we hear while the
             # assistant talks is most likely the assistant itself, so it is not a turn.
-            self._ignoring = True
+            self.hearing.ignore_current()
             return
         for old in interrupted:
             self.bus.publish(Interrupt(reason="barge-in"), turn=old)
+        # Turns still being transcribed are open too: their answers must not play over this one.
+        self._cut_short.update(self._turns.values())
+        turn = new_turn_id()
+        self._turns[event.utterance] = turn
+        self._progress.utterances += 1
         self._last_turn = turn
-        self.bus.publish(VadStart(offset_ms=event.offset_ms), turn=turn)
-        self.recognizer.begin()
-        partial = None
-        for frame in event.preroll:
-            partial = self.recognizer.feed(frame) or partial
-        if partial:
-            self.bus.publish(AsrPartial(text=partial), turn=turn)
+        self.bus.publish(VadStart(offset_ms=self._base_ms + event.offset_ms), turn=turn)
 
-    def _speech_ended(self, event: SpeechEnd) -> None:
-        assert self.recognizer is not None and self.vad is not None
-        if self._ignoring:
-            self._ignoring = False
-            return
-        turn = self._last_turn
+    def _speech_ended(self, event: Ended, turn: int) -> None:
+        assert self.hearing is not None
         now = time.time()
-        behind_s = (self.vad.offset_ms - event.offset_ms) / 1000 if not self.settings.audio.fast else 0.0
+        behind_s = (self.hearing.vad.offset_ms - event.offset_ms) / 1000 if not self.settings.audio.fast else 0.0
         speech_end = now - behind_s
-        self.bus.publish(VadEnd(offset_ms=event.offset_ms, speech_ms=event.speech_ms, speech_end_ts=speech_end), turn=turn)
-        timings = {"speech_end": speech_end, "vad_end": now}
-        try:
-            result = self.recognizer.end()
-        except VoicebusError as exc:
-            self.bus.report("listener.asr", exc)
-            self.bus.publish(AsrNoMatch(reason=f"error: {exc.code}", timings=timings), turn=turn)
+        self._ended[event.utterance] = (event, now, speech_end)
+        self.bus.publish(
+            VadEnd(offset_ms=self._base_ms + event.offset_ms, speech_ms=event.speech_ms, speech_end_ts=speech_end),
+            turn=turn,
+        )
+
+    def _recognized(self, event: Final | NoMatch, turn: int) -> None:
+        now = time.time()
+        ended, vad_end, speech_end = self._ended.pop(event.utterance, (None, now, now))
+        self._turns.pop(event.utterance, None)
+        guess_rev, guess_text = self._guesses.pop(event.utterance, (0, ""))
+        # A guess is confirmed only by a final of exactly its words; anything else makes it void.
+        confirms = guess_rev if isinstance(event, Final) and event.text == guess_text else 0
+        timings = {"speech_end": speech_end, "vad_end": vad_end, "final": now, "asr_s": now - vad_end}
+        if ended is not None:
+            timings["silence_window_s"] = ended.silence_ms / 1000
+            self._progress.resume_ms = max(self._progress.resume_ms, self._base_ms + ended.offset_ms)
+        if isinstance(event, NoMatch):
+            self._cut_short.discard(turn)
+            if guess_rev:
+                self.bus.publish(AsrRevoke(rev=guess_rev, reason="nothing recognized"), turn=turn)
+            self.bus.publish(AsrNoMatch(reason=event.reason, timings=timings), turn=turn)
+            self._save_progress()
             return
-        timings["final"] = time.time()
-        timings["asr_s"] = timings["final"] - now
-        if not result.text.strip():
-            self.bus.publish(AsrNoMatch(reason="no speech recognized", timings=timings), turn=turn)
-            return
-        body = AsrFinal(text=result.text.strip(), confidence=result.confidence, timings=timings)
-        with self._lock:
-            self._open_turns.add(turn)
-        self.bus.publish(body, turn=turn)
+        timings["decode_s"] = event.decode_s
+        body = AsrFinal(text=event.text, confidence=event.confidence, timings=timings, guess=confirms)
+        self._progress.heard_any = True
         self.redelivery.sent(turn, body, time.monotonic())
+        self._save_progress()  # before it is sent: a restart offers it again rather than losing it
+        self.bus.publish(body, turn=turn)
+        if turn in self._cut_short:  # the user spoke again while this was being transcribed
+            self._cut_short.discard(turn)
+            self.bus.publish(Interrupt(reason="barge-in"), turn=turn)
+
+    def _save_progress(self) -> None:
+        if self._progress_file is None:
+            return
+        self._progress.last_turn = self._last_turn
+        self._progress.pending = {str(turn): body.to_dict() for turn, body in self.redelivery.pending().items()}
+        self._progress_file.save(self._progress)
 
     def close(self) -> None:
         if self.source is not None:
             self.source.close()
         if self._thread is not None:
             self._thread.join(timeout=3)
-        if self.recognizer is not None:
-            self.recognizer.close()
-
+        if self.hearing is not None:
+            self.hearing.close()
+            self._recognizer.close()

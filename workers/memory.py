@@ -29,10 +29,13 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
+from typing import TypeVar
 
 from voicebus.engine.errors import ConfigError
 
 __all__ = ["DEFAULT_SYSTEM_PROMPT", "Conversation"]
+
+T = TypeVar("T")
 
 DEFAULT_SYSTEM_PROMPT = (
     "You are a friendly voice assistant. Everything you write is read aloud, so answer "
@@ -51,8 +54,27 @@ CREATE TABLE IF NOT EXISTS messages (
     ts      REAL NOT NULL,
     PRIMARY KEY (session, turn, role)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS turns (
+    session  TEXT NOT NULL,
+    turn     INTEGER NOT NULL,
+    channel  TEXT NOT NULL CHECK (channel IN ('voice', 'text')),
+    status   TEXT NOT NULL CHECK (status IN ('accepted', 'done')),
+    finish   TEXT NOT NULL DEFAULT '',
+    reason   TEXT NOT NULL DEFAULT '',
+    accepted REAL NOT NULL,
+    PRIMARY KEY (session, turn)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS sentences (
+    session TEXT NOT NULL,
+    turn    INTEGER NOT NULL,
+    idx     INTEGER NOT NULL,
+    text    TEXT NOT NULL,
+    raw     TEXT NOT NULL,
+    played  INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (session, turn, idx)
+) WITHOUT ROWID;
 """
-_UPSERT = (
+UPSERT_MESSAGE = (
     "INSERT INTO messages (session, turn, role, text, ts) VALUES (?, ?, ?, ?, ?) "
     "ON CONFLICT (session, turn, role) DO UPDATE SET text = excluded.text, ts = excluded.ts"
 )
@@ -69,11 +91,15 @@ class Conversation:
         system_prompt: str = DEFAULT_SYSTEM_PROMPT,
         *,
         recover_corrupt: bool = False,
+        on_degraded: Callable[[str], None] | None = None,
     ) -> None:
         self.path = Path(path)
         self.session = session
         self.system_prompt = system_prompt
         self.moved_aside: Path | None = None
+        self.degraded = ""
+        """Why the history is no longer written to disk ("" while it is)."""
+        self.on_degraded = on_degraded
         # The thinker may touch memory from its bus thread and its generation
         # thread; one connection guarded by a lock keeps that simple.
         self._lock = threading.Lock()
@@ -113,14 +139,13 @@ class Conversation:
 
     def clear(self) -> None:
         """Forget this session's messages (other sessions are untouched)."""
-        with self._cursor() as db:
-            db.execute("DELETE FROM messages WHERE session = ?", (self.session,))
+        self.write(lambda db: db.execute("DELETE FROM messages WHERE session = ?", (self.session,)))
 
     # -- reading -----------------------------------------------------------
 
     def history(self) -> list[tuple[int, str, str]]:
         """Every message as ``(turn, role, text)``, oldest first, user before assistant."""
-        with self._cursor() as db:
+        with self.reading() as db:
             rows = db.execute(
                 "SELECT turn, role, text FROM messages WHERE session = ? "
                 "ORDER BY turn, role = 'assistant'",
@@ -130,7 +155,7 @@ class Conversation:
 
     def last_turn(self) -> int:
         """The highest turn id recorded in this session, 0 when there is none."""
-        with self._cursor() as db:
+        with self.reading() as db:
             (value,) = db.execute(
                 "SELECT COALESCE(MAX(turn), 0) FROM messages WHERE session = ?", (self.session,)
             ).fetchone()
@@ -138,7 +163,7 @@ class Conversation:
 
     def has_answer(self, turn: int) -> bool:
         """Whether ``turn`` was answered (or handled and interrupted before speaking)."""
-        with self._cursor() as db:
+        with self.reading() as db:
             row = db.execute(
                 "SELECT 1 FROM messages WHERE session = ? AND turn = ? AND role = 'assistant'",
                 (self.session, turn),
@@ -151,6 +176,7 @@ class Conversation:
         count_tokens: Callable[[str], int],
         *,
         per_message: int = 0,
+        until_turn: int | None = None,
     ) -> list[dict[str, str]]:
         """The system prompt and the most recent whole turns that fit ``budget_tokens``.
 
@@ -158,9 +184,13 @@ class Conversation:
         appears without its question. The system prompt and the latest turn are
         always included, even over budget: without them there is nothing to
         answer. ``per_message`` adds each message's template overhead.
+        ``until_turn`` leaves out later turns (questions queued behind the one
+        being answered).
         """
         turns: dict[int, list[dict[str, str]]] = {}
         for turn, role, text in self.history():
+            if until_turn is not None and turn > until_turn:
+                continue
             if text:
                 turns.setdefault(turn, []).append({"role": role, "content": text})
         used = count_tokens(self.system_prompt) + per_message
@@ -193,17 +223,62 @@ class Conversation:
         self.close()
 
     def _put(self, turn: int, role: str, text: str) -> None:
-        with self._cursor() as db:
-            db.execute(_UPSERT, (self.session, turn, role, text, time.time()))
+        self.write(lambda db: db.execute(UPSERT_MESSAGE, (self.session, turn, role, text, time.time())))
+
+    def write(self, change: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``change(db)`` in one transaction (all or nothing), under the lock; return its result.
+
+        A write that fails because the file became unwritable (read-only file
+        system, full disk, vanished folder) does not stop the conversation: the
+        history moves to an in-memory copy, ``degraded`` says why, the
+        ``on_degraded`` callback hears it once, and ``change`` runs again there.
+        Other SQLite failures become ConfigError naming the file.
+        """
+        with self._lock:
+            for attempt in (1, 2):
+                try:
+                    self._db.execute("BEGIN IMMEDIATE")
+                    try:
+                        result = change(self._db)
+                    except BaseException:
+                        self._db.execute("ROLLBACK")
+                        raise
+                    self._db.execute("COMMIT")
+                    return result
+                except sqlite3.OperationalError as exc:
+                    if attempt == 2 or self.degraded or not _is_unwritable(exc):
+                        raise ConfigError(f"conversation history {self.path}: {exc}") from exc
+                    self._degrade(str(exc))
+                except sqlite3.Error as exc:
+                    raise ConfigError(f"conversation history {self.path}: {exc}") from exc
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _degrade(self, reason: str) -> None:
+        """Go on in memory with a copy of everything stored so far (called with the lock held)."""
+        if self._db.in_transaction:
+            self._db.execute("ROLLBACK")
+        memory = sqlite3.connect(":memory:", isolation_level=None, check_same_thread=False)
+        self._db.backup(memory)
+        self._db.close()
+        self._db = memory
+        self.degraded = f"cannot write {self.path} ({reason}); this conversation is kept in memory only"
+        if self.on_degraded is not None:
+            self.on_degraded(self.degraded)
 
     @contextmanager
-    def _cursor(self) -> Iterator[sqlite3.Connection]:
-        """The connection, under the lock; SQLite failures become ConfigError."""
+    def reading(self) -> Iterator[sqlite3.Connection]:
+        """The connection for reading, under the lock; SQLite failures become ConfigError."""
         with self._lock:
             try:
                 yield self._db
             except sqlite3.Error as exc:
                 raise ConfigError(f"conversation history {self.path}: {exc}") from exc
+
+
+def _is_unwritable(exc: sqlite3.OperationalError) -> bool:
+    """Whether a failed write means the file can no longer be written (as opposed to a bad query)."""
+    text = str(exc).lower()
+    return any(words in text for words in ("readonly", "read-only", "disk i/o", "full", "unable to open"))
 
 
 class _Corrupt(Exception):

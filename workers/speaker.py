@@ -1,14 +1,29 @@
-"""The speaker: sentences → speech → the audio sink, in order, stoppable mid-sentence.
+"""The speaker: sentences → speech → the audio sink, in order, once, stoppable mid-sentence.
 
 Three threads, so nothing waits on anything it need not:
 
-    bus loop        queues sentences, records stage timestamps, sets stop flags
+    bus loop        orders sentences per turn, records stage timestamps, sets stop flags
     synthesizer     text → PCM chunks, one sentence ahead of playback
     playback        PCM → sink in blocks of at most 20 ms, checking the stop flag
                     between blocks (so an interrupt takes effect within one block)
 
-A turn is finished when its last sentence (``llm.done`` says how many) has
-been played; then ``metrics.turn`` carries the stage timestamps.
+Each turn's sentences are played in index order, each once: a duplicate (a
+replay after a failure) is dropped, a sentence that arrives early waits for
+the ones before it, and a gap that does not fill — lost with a bus that died,
+or a speaker that restarted mid-turn — is asked for again with ``llm.resend``.
+A replayed sentence marked ``played`` was heard before this speaker started and
+is skipped. Turns play in the order they arrive; only ``ctl.interrupt`` stops one.
+
+A turn is finished when all its sentences (``llm.done`` says how many) are
+played; then ``metrics.turn`` carries the stage timestamps.
+
+Speculation: sentences marked with a ``guess`` answer a transcript nobody has
+confirmed yet. They are synthesized at once but their audio is *held*. The
+``asr.final`` that confirms the guess (or the thinker sending them again as
+confirmed) releases it to playback at once; ``asr.revoke``, a newer guess, a
+final that confirms something else, or the thinker's ``revoked`` end drops it.
+Nothing held is ever played without a confirmation, so a speaker that missed
+one plays nothing rather than a wrong answer.
 """
 
 from __future__ import annotations
@@ -25,10 +40,12 @@ from voicebus.engine.messages import Envelope
 from voicebus.workers import backends
 from voicebus.workers.audio import open_sink
 from voicebus.workers.config import Settings
-from voicebus.workers.sentences import split_clauses
 from voicebus.workers.kinds import (
     AsrFinal,
+    AsrGuess,
+    AsrRevoke,
     LlmDone,
+    LlmResend,
     LlmSentence,
     PlayDone,
     PlayStart,
@@ -37,9 +54,17 @@ from voicebus.workers.kinds import (
     TurnMetrics,
     VadEnd,
 )
+from voicebus.workers.sentences import split_clauses
 
 BLOCK_MS = 20
-TURNS_REMEMBERED = 16
+TURNS_REMEMBERED = 256
+GAP_WAIT_S = 0.3
+"""A gap this old is asked for again (sentences of one sender normally arrive in order within ms)."""
+RESEND_EVERY_S = 2.0
+RELEASE = -1
+"""Synthesis-queue marker: the guess was confirmed, its held audio goes to playback."""
+DROP = -2
+"""Synthesis-queue marker: the turn's held audio is void."""
 
 
 @dataclass
@@ -49,11 +74,51 @@ class Turn:
     turn: int
     expected: int | None = None
     """how many sentences the turn has, once llm.done said so"""
-    played: int = 0
+    received: dict[int, tuple[str, bool]] = field(default_factory=dict)
+    """index → (text, already played before this speaker knew the turn)"""
+    next: int = 0
+    """the next index to hand to the synthesizer"""
+    finished: set[int] = field(default_factory=set)
+    """indexes played (or skipped as played before)"""
     stopped: bool = False
     stop_reason: str = ""
     stop_reported: bool = False
+    gap_since: float | None = None
+    resent_at: float = 0.0
     timings: dict[str, float] = field(default_factory=dict)
+    guess: int = 0
+    """the unconfirmed guess whose answer is being prepared (its audio held); 0 when none"""
+    confirmed: bool = True
+    """False while the sentences received answer an unconfirmed guess"""
+
+    def drop_guess(self) -> None:
+        """Forget what was prepared for the unconfirmed guess."""
+        self.received.clear()
+        self.next = 0
+        self.finished.clear()
+        self.expected = None
+        self.guess = 0
+        self.confirmed = True
+
+    @property
+    def done(self) -> bool:
+        return self.expected is not None and len(self.finished) >= self.expected
+
+    def first_unheard(self) -> int:
+        """The first sentence not played yet: where a stop cuts the answer."""
+        index = 0
+        while index in self.finished:
+            index += 1
+        return index
+
+    def has_gap(self) -> bool:
+        """Some sentence is missing before one that arrived (or before the announced end)."""
+        if self.stopped or self.done or not self.confirmed:
+            return False
+        known_end = max(self.received, default=-1) + 1
+        if self.expected is not None:
+            known_end = max(known_end, self.expected)
+        return self.next < known_end and self.next not in self.received
 
 
 @dataclass(frozen=True)
@@ -77,7 +142,10 @@ class Speaker(Actor):
         self.sink = None
         self._turns: dict[int, Turn] = {}
         self._lock = threading.Lock()
-        self._sentences: queue.Queue[tuple[int, int, str] | None] = queue.Queue()
+        self._sentences: queue.Queue[tuple[int, int, str, int] | None] = queue.Queue()
+        """(turn, index, text, guess) to synthesize; guess > 0 holds the audio; or a marker (index RELEASE/DROP)"""
+        self._held: dict[tuple[int, int], list[Chunk]] = {}
+        """(turn, guess) → synthesized audio waiting for the guess to be confirmed (synthesis thread only)"""
         self._chunks: queue.Queue[Chunk | None] = queue.Queue(maxsize=64)
         self._threads: list[threading.Thread] = []
         self._playing: tuple[int, int] | None = None
@@ -101,13 +169,9 @@ class Speaker(Actor):
     # --- handlers (bus loop) ----------------------------------------------------------------
 
     def _turn(self, turn: int) -> Turn:
-        """The turn's record; a newer turn stops every older one still speaking."""
         state = self._turns.get(turn)
         if state is None:
             state = self._turns[turn] = Turn(turn)
-            for old in list(self._turns.values()):
-                if old.turn < turn:
-                    self._stop_turn(old, "superseded")
             for old in sorted(self._turns)[:-TURNS_REMEMBERED]:
                 del self._turns[old]
         return state
@@ -117,14 +181,33 @@ class Speaker(Actor):
         assert isinstance(env.body, VadEnd)
         with self._lock:
             t = self._turn(env.turn).timings
-            t["speech_end"] = env.body.speech_end_ts
-            t["vad_end"] = env.ts
+            t.setdefault("speech_end", env.body.speech_end_ts)
+            t.setdefault("vad_end", env.ts)
 
     @handles("asr.final", "ctl.ask")
     def on_request(self, env: Envelope) -> None:
         with self._lock:
-            t = self._turn(env.turn).timings
-            t.setdefault("asr_final" if isinstance(env.body, AsrFinal) else "request", env.ts)
+            state = self._turn(env.turn)
+            state.timings.setdefault("asr_final" if isinstance(env.body, AsrFinal) else "request", env.ts)
+            if isinstance(env.body, AsrFinal) and not state.confirmed:
+                if env.body.guess == state.guess:
+                    self._confirm(state)
+                else:
+                    self._drop_guess(state)
+
+    @handles("asr.guess")
+    def on_guess(self, env: Envelope) -> None:
+        assert isinstance(env.body, AsrGuess)
+        with self._lock:
+            self._turn(env.turn).timings.setdefault("guess", env.ts)
+
+    @handles("asr.revoke")
+    def on_revoke(self, env: Envelope) -> None:
+        assert isinstance(env.body, AsrRevoke)
+        with self._lock:
+            state = self._turn(env.turn)
+            if not state.confirmed and state.guess == env.body.rev:
+                self._drop_guess(state)
 
     @handles("llm.token")
     def on_token(self, env: Envelope) -> None:
@@ -133,58 +216,119 @@ class Speaker(Actor):
 
     @handles("llm.sentence")
     def on_sentence(self, env: Envelope) -> None:
-        assert isinstance(env.body, LlmSentence)
+        body = env.body
+        assert isinstance(body, LlmSentence)
         with self._lock:
             state = self._turn(env.turn)
-            state.timings.setdefault("first_sentence", env.ts)
-            if state.stopped:
-                return
-        self._sentences.put((env.turn, env.body.index, env.body.text))
+            if body.guess:
+                if state.confirmed and (state.received or state.timings.get("asr_final")):
+                    return  # late: the turn is already confirmed (or confirmed something else)
+                if body.guess < state.guess:
+                    return  # an older guess's sentence
+                if body.guess > state.guess:
+                    self._drop_guess(state)
+                    state.guess, state.confirmed = body.guess, False
+            elif not state.confirmed:
+                self._confirm(state)  # the thinker sends a guess's sentences again once it is confirmed
+            if not body.replay:
+                state.timings.setdefault("first_sentence", env.ts)
+            if state.stopped or body.index in state.received or body.index < state.next:
+                return  # stopped, or a duplicate
+            state.received[body.index] = (body.text, body.played)
+            self._advance(state)
 
     @handles("ctl.say")
     def on_say(self, env: Envelope) -> None:
         assert isinstance(env.body, Say)
         with self._lock:
             state = self._turn(env.turn)
+            if state.received:
+                return  # a repeat
             state.expected = 1
             state.timings.setdefault("request", env.ts)
             state.timings.setdefault("first_sentence", env.ts)
-        self._sentences.put((env.turn, 0, env.body.text))
+            state.received[0] = (env.body.text, False)
+            self._advance(state)
 
     @handles("llm.done")
     def on_done(self, env: Envelope) -> None:
         assert isinstance(env.body, LlmDone)
         with self._lock:
             state = self._turn(env.turn)
+            if env.body.finish_reason == "revoked":
+                if not state.confirmed and state.guess == env.body.guess:
+                    self._drop_guess(state)
+                return
+            if not state.confirmed:
+                self._confirm(state)
             state.expected = env.body.sentences
+            self._advance(state)
             self._maybe_finish(state)
 
     @handles("ctl.interrupt")
     def on_interrupt(self, env: Envelope) -> None:
+        reason = getattr(env.body, "reason", "") or "interrupted"
         with self._lock:
             for state in [t for t in self._turns.values() if env.turn in (0, t.turn)]:
-                self._stop_turn(state, "interrupted")
+                self._stop_turn(state, reason)
+
+    def tick(self) -> None:
+        """Ask again for sentences that went missing."""
+        now = time.monotonic()
+        wanted = []
+        with self._lock:
+            for state in self._turns.values():
+                if not state.has_gap():
+                    state.gap_since = None
+                    continue
+                if state.gap_since is None:
+                    state.gap_since = now
+                if now - state.gap_since >= GAP_WAIT_S and now - state.resent_at >= RESEND_EVERY_S:
+                    state.resent_at = now
+                    wanted.append((state.turn, state.next))
+        for turn, index in wanted:
+            self.bus.publish(LlmResend(from_index=index), turn=turn)
 
     # --- turn bookkeeping (lock held) -------------------------------------------------------
 
-    @staticmethod
-    def _finished(state: Turn) -> bool:
-        return state.expected is not None and state.played >= state.expected
+    def _advance(self, state: Turn) -> None:
+        """Hand the synthesizer every sentence that is next in order; skip those played before."""
+        while state.next in state.received and not state.stopped:
+            text, played_before = state.received[state.next]
+            if played_before:
+                state.finished.add(state.next)
+            else:
+                self._sentences.put((state.turn, state.next, text, 0 if state.confirmed else state.guess))
+            state.next += 1
+        self._maybe_finish(state)
+
+    def _confirm(self, state: Turn) -> None:
+        """The guess is the turn: its held audio plays now (a marker in the synthesis queue keeps the order)."""
+        state.confirmed = True
+        state.timings.setdefault("confirmed", time.time())
+        self._sentences.put((state.turn, RELEASE, "", state.guess))
+
+    def _drop_guess(self, state: Turn) -> None:
+        if not state.confirmed:
+            self._sentences.put((state.turn, DROP, "", state.guess))  # the synthesis thread owns held audio
+            state.timings["revoked"] = state.timings.get("revoked", 0) + 1
+            state.timings.pop("guess_ready", None)
+            state.drop_guess()
 
     def _maybe_finish(self, state: Turn) -> None:
-        if self._finished(state) and not state.stopped and "metrics_sent" not in state.timings:
+        if state.done and not state.stopped and "metrics_sent" not in state.timings:
             state.timings["metrics_sent"] = time.time()
             self.bus.publish(TurnMetrics(timings=latencies(state.timings), outcome="done"), turn=state.turn)
 
     def _stop_turn(self, state: Turn, reason: str) -> None:
         """Stop a turn that is still speaking; playback reports it if it is on the sink now."""
-        if state.stopped or self._finished(state):
+        if state.stopped or state.done:
             return
         state.stopped = True
         state.stop_reason = reason
         state.timings["interrupted"] = time.time()
         if self._playing is None or self._playing[0] != state.turn:
-            self._report_stop(state, state.played, 0, 0, reason)
+            self._report_stop(state, state.first_unheard(), 0, 0, reason)
 
     def _report_stop(self, state: Turn, index: int, spoken_ms: int, total_ms: int, reason: str) -> None:
         """play.stopped and the turn's metrics, once per turn."""
@@ -206,22 +350,52 @@ class Speaker(Actor):
     def _synthesize_loop(self) -> None:
         assert self.synth is not None
         while (item := self._sentences.get()) is not None:
-            turn, index, text = item
-            if self._is_stopped(turn):
+            turn, index, text, guess = item
+            if index == RELEASE:
+                self._chunks_of(turn, guess, play=True)
                 continue
-            # The first sentence of a turn goes out clause by clause: the user hears it sooner.
-            pieces = split_clauses(text) if index == 0 else [text]
-            try:
-                total = 0
-                for pcm in (pcm for piece in pieces for pcm in self.synth.synthesize(piece)):
-                    if self._is_stopped(turn):
-                        break
-                    total += len(pcm)
-                    self._chunks.put(Chunk(turn, index, text, pcm))
-                self._chunks.put(Chunk(turn, index, text, None, total_ms=self._ms(total)))
-            except Exception as exc:  # one sentence failing must not silence the rest
-                self.bus.report("speaker.synthesize", exc)
-                self._chunks.put(Chunk(turn, index, text, None))
+            if index == DROP:
+                self._chunks_of(turn, guess, play=False)
+                continue
+            if self._is_stopped(turn) or (guess and not self._preparing(turn, guess)):
+                continue
+            chunks = self._held.setdefault((turn, guess), []) if guess else None
+            self._synthesize(turn, index, text, chunks)
+            if guess:
+                with self._lock:
+                    state = self._turns.get(turn)
+                    if state is not None:
+                        state.timings.setdefault("guess_ready", time.time())
+
+    def _synthesize(self, turn: int, index: int, text: str, held: list[Chunk] | None) -> None:
+        """Synthesize one sentence into playback's queue, or into ``held`` while its guess is unconfirmed."""
+        assert self.synth is not None
+        put = held.append if held is not None else self._chunks.put
+        # The first sentence of a turn goes out clause by clause: the user hears it sooner.
+        pieces = split_clauses(text) if index == 0 else [text]
+        try:
+            total = 0
+            for pcm in (pcm for piece in pieces for pcm in self.synth.synthesize(piece)):
+                if self._is_stopped(turn):
+                    break
+                total += len(pcm)
+                put(Chunk(turn, index, text, pcm))
+            put(Chunk(turn, index, text, None, total_ms=self._ms(total)))
+        except Exception as exc:  # one sentence failing must not silence the rest
+            self.bus.report("speaker.synthesize", exc)
+            put(Chunk(turn, index, text, None))
+
+    def _preparing(self, turn: int, guess: int) -> bool:
+        """Whether the turn still waits on (or has confirmed) this guess: else its work is wasted."""
+        with self._lock:
+            state = self._turns.get(turn)
+            return state is not None and state.guess == guess
+
+    def _chunks_of(self, turn: int, guess: int, *, play: bool) -> None:
+        """A guess's held audio: to playback, in order (confirmed), or away (void)."""
+        for chunk in self._held.pop((turn, guess), []):
+            if play:
+                self._chunks.put(chunk)
 
     def _ms(self, nbytes: int) -> int:
         assert self.synth is not None
@@ -267,7 +441,7 @@ class Speaker(Actor):
             self._playing = None
             state = self._turns.get(chunk.turn)
             if state is not None:
-                state.played = max(state.played, chunk.index + 1)
+                state.finished.add(chunk.index)
                 self._maybe_finish(state)
 
     def _playback_stopped(self, chunk: Chunk, played_bytes: int, received_bytes: int) -> None:
@@ -305,7 +479,14 @@ def latencies(t: dict[str, float]) -> dict[str, float]:
     span("asr_final", "first_token", "first_token_s")
     span("asr_final" if "asr_final" in t else "request", "first_sentence", "first_sentence_s")
     span("first_sentence", "first_audio", "first_audio_s")
+    span("asr_final", "first_audio", "final_to_audio_s")
     span("vad_end", "first_audio", "total_s")
     span("speech_end", "first_audio", "speech_end_to_audio_s")
     span("request", "first_audio", "request_to_audio_s")
+    if "guess" in t and "confirmed" in t:
+        # The answer's preparation began at the guess instead of at the confirmation: that head start,
+        # up to the time the preparation took, is what the user did not wait.
+        head_start = t["confirmed"] - t["guess"]
+        prepared_in = t.get("guess_ready", t.get("first_audio", t["confirmed"])) - t["guess"]
+        out["speculation_saved_s"] = round(max(0.0, min(head_start, prepared_in)), 4)
     return out

@@ -1,55 +1,96 @@
-"""The thinker: user utterance → chat model stream → sentences, with memory on disk.
+"""The thinker: user utterance → chat model stream → sentences, exactly once, with memory on disk.
 
-Handlers run on the bus loop and only queue work or set flags; generation runs
-on its own thread, so ``ctl.interrupt`` is seen within one token. The history
-keeps what the assistant actually got to say: when the speaker reports
-``play.stopped``, the turn's answer is cut to the spoken part.
+Handlers run on the bus loop and only record, queue or set flags; generation
+runs on its own thread, one turn at a time in the order turns were accepted
+(so ``ctl.interrupt`` is seen within one token, and two askers never cancel
+each other). Every accepted turn ends with exactly one ``llm.done``.
+
+Delivery (see ``turnlog``): a turn is written to disk before ``llm.accepted``
+goes out, and each sentence before its ``llm.sentence``. A repeated utterance
+of a queued or running turn is acknowledged again; of a finished turn, it gets
+the stored answer again (``replay``). ``llm.resend`` asks for sentences again
+from an index. A thinker that starts finds the turns its predecessor accepted
+and did not finish, sends what was already said, and continues the answer.
+
+Memory keeps what the user received: a text turn (``ctl.ask``) keeps the whole
+answer the asker was sent; a voice turn (``asr.final``) keeps what was heard,
+cut where ``play.stopped`` says playback stopped.
+
+Speculation: an ``asr.guess`` (a tentative transcript at a pause) that finds the
+thinker idle starts an answer at once. Its sentences go out marked with the
+guess, and nothing of it is recorded. The ``asr.final`` that confirms the guess
+commits it: the turn and the sentences so far are recorded and sent again as
+confirmed, and generation goes on as for any turn. A revoke, a newer guess, or a
+final that does not confirm it cancels it; its ``llm.done`` says ``revoked``.
 """
 
 from __future__ import annotations
 
-import queue
-import re
 import sys
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 from voicebus.engine.actor import Actor, handles
 from voicebus.engine.client import BusClient
-from voicebus.engine.errors import BackendError
-from voicebus.engine.messages import Envelope, Shutdown
+from voicebus.engine.errors import BackendError, VoicebusError
+from voicebus.engine.messages import Envelope, Error, Shutdown
 from voicebus.workers import backends
 from voicebus.workers.config import Settings
-from voicebus.workers.kinds import LlmAccepted, LlmDone, LlmError, LlmSentence, LlmToken, PlayStopped
+from voicebus.workers.kinds import (
+    AsrFinal,
+    AsrGuess,
+    AsrRevoke,
+    LlmAccepted,
+    LlmDone,
+    LlmError,
+    LlmResend,
+    LlmSentence,
+    LlmToken,
+    PlayDone,
+    PlayStopped,
+)
 from voicebus.workers.memory import Conversation
 from voicebus.workers.sentences import SentenceCutter, speakable
+from voicebus.workers.stop_phrases import StopPhrases
+from voicebus.workers.turnlog import TEXT, VOICE, TurnLog, TurnRecord
 
 APOLOGY = "Sorry, I could not answer that just now."
-TURNS_REMEMBERED = 32
+RESUME_WITHIN_S = 600.0
+"""A turn its predecessor left unfinished is resumed if it was accepted this recently, else closed."""
+PROMPT_MARGIN_TOKENS = 32
 
 
-def normalize(text: str) -> str:
-    """Lower case, punctuation dropped, spaces folded: how stop phrases are compared."""
-    return " ".join(re.sub(r"[^\w\s']", " ", text.lower()).split())
+@dataclass
+class Answer:
+    """The answer being generated: its sentences as sent, and how much was heard."""
+
+    sentences: list[str] = field(default_factory=list)
+    raws: list[str] = field(default_factory=list)
+    """what the model wrote for each sentence ("" for the apology, which is no answer)"""
+    heard: str | None = None
+    """(voice) set when playback was cut: the part actually heard"""
+    tokens: int = 0
 
 
 @dataclass
 class Job:
     turn: int
-    text: str
+    channel: str
     received: float
     cancel: threading.Event = field(default_factory=threading.Event)
-
-
-@dataclass
-class Answer:
-    """What one turn's answer became: its sentences, and how much of it was spoken."""
-
-    sentences: list[str] = field(default_factory=list)
-    spoken: str | None = None
-    """set when playback was cut: the part actually heard"""
-    finished: bool = False
+    reason: str = ""
+    """why it was cancelled"""
+    answer: Answer = field(default_factory=Answer)
+    guess: int = 0
+    """nonzero while this answers an unconfirmed guess (asr.guess rev): nothing is recorded yet"""
+    text: str = ""
+    """(speculative) the guessed words"""
+    ended: LlmDone | None = None
+    """(speculative) its generation finished before the confirmation came"""
+    recorded: bool = False
+    """its end is in the turn log"""
 
 
 class Thinker(Actor):
@@ -60,12 +101,13 @@ class Thinker(Actor):
         self.settings = settings
         self.chat = None
         self.memory: Conversation | None = None
-        self._jobs: queue.Queue[Job | None] = queue.Queue()
+        self.log: TurnLog | None = None
+        self._queue: deque[Job] = deque()
+        self._wake = threading.Condition()
         self._current: Job | None = None
-        self._queued: set[int] = set()
-        self._answers: dict[int, Answer] = {}
-        self._lock = threading.Lock()
-        self._stop_phrases = {normalize(p) for p in settings.llm.stop_phrases if normalize(p)}
+        self._speculation: Job | None = None
+        """the answer being prepared for an unconfirmed guess (queued, running or finished)"""
+        self._stop_phrases = StopPhrases(settings.llm.stop_phrases)
         self._thread: threading.Thread | None = None
 
     def backends(self) -> dict[str, str]:
@@ -78,176 +120,392 @@ class Thinker(Actor):
             backends.state_dir(self.settings) / "conversation.sqlite",
             self.settings.state.session,
             self.settings.llm.system_prompt,
+            on_degraded=self._memory_degraded,
         )
+        self.log = TurnLog(self.memory)
         warm_up = getattr(self.chat, "warm_up", None)
         if warm_up is not None:  # local models, and servers on this machine: a remote one would cost a request
-            warm_up(self._prompt())
+            warm_up(self._prompt(None))
+        self._resume_unfinished()
         self._thread = threading.Thread(target=self._generate_loop, name="thinker-generate", daemon=True)
         self._thread.start()
+
+    def _resume_unfinished(self) -> None:
+        """Queue the turns a previous thinker accepted and did not finish (recent ones)."""
+        assert self.log is not None
+        now = time.time()
+        for record in self.log.unfinished():
+            if now - record.accepted > RESUME_WITHIN_S:
+                self.log.finish(record.turn, "abandoned", "the thinker stopped before answering", "")
+                continue
+            print(f"thinker: resuming turn {record.turn} ({len(record.sentences)} sentence(s) already said)",
+                  file=sys.stderr, flush=True)
+            self._queue.append(Job(record.turn, record.channel, record.accepted))
+
+    def _memory_degraded(self, reason: str) -> None:
+        print(f"thinker: {reason}", file=sys.stderr, flush=True)
+        self.bus.publish(Error(where="thinker.memory", code="memory", message=reason, transient=False))
 
     # --- handlers (bus loop: quick) ---------------------------------------------------------
 
     @handles("asr.final", "ctl.ask")
     def on_utterance(self, env: Envelope) -> None:
+        assert self.log is not None
         text = env.body.text.strip()  # type: ignore[union-attr]
+        channel = VOICE if isinstance(env.body, AsrFinal) else TEXT
         if not text:
+            self.bus.publish(LlmError(code="empty", message="nothing to answer: the utterance is empty"), turn=env.turn)
+            self.bus.publish(LlmDone(finish_reason="error", sentences=0, reason="empty utterance"), turn=env.turn)
             return
-        if self._known(env.turn):
-            # A repeat: the sender missed our acceptance, so say it again.
-            self.bus.publish(LlmAccepted(), turn=env.turn)
+        if isinstance(env.body, AsrFinal) and self._commit(env.turn, env.body):
             return
-        if normalize(text) in self._stop_phrases:
-            self.bus.publish(LlmDone(finish_reason="stop_phrase", sentences=0), turn=env.turn)
+        position = self._position(env.turn)
+        if position is not None:  # a repeat of a turn queued or being answered
+            self.bus.publish(LlmAccepted(queued=position, note=self._note()), turn=env.turn)
+            return
+        record = self.log.get(env.turn)
+        if record is not None and record.done:
+            self._send_again(record, 0)
+            return
+        if record is not None:  # accepted, but its answer was lost with a failure: answer it (again)
+            self._enqueue(Job(env.turn, record.channel, time.time()), "")
+            return
+        if self._stop_phrases.matches(text):
+            self.log.accept(env.turn, channel, text)
+            self.log.finish(env.turn, "stop_phrase", text, "")
+            self.bus.publish(LlmDone(finish_reason="stop_phrase", sentences=0, reason=text), turn=env.turn)
             self.bus.publish(Shutdown(reason=f"stop phrase: {text}"))
             return
-        with self._lock:
-            # A newer utterance supersedes whatever is being answered or waiting.
-            if self._current is not None:
-                self._current.cancel.set()
-            self._queued.add(env.turn)
-        self._jobs.put(Job(env.turn, text, time.time()))
-        self.bus.publish(LlmAccepted(queued=self._jobs.qsize() - 1), turn=env.turn)
+        text, cut = self._fit(text)
+        self.log.accept(env.turn, channel, text)
+        self._enqueue(Job(env.turn, channel, time.time()), cut)
+
+    def _enqueue(self, job: Job, note: str) -> None:
+        if self._speculation is not None and self._speculation.turn != job.turn:
+            self._revoke(self._speculation, "a confirmed turn came first")  # real work goes first
+        with self._wake:
+            self._queue.append(job)
+            queued = len(self._queue) - 1 + (self._current is not None)
+            self._wake.notify()
+        note = "; ".join(n for n in (note, self._note()) if n)
+        self.bus.publish(LlmAccepted(queued=queued, note=note), turn=job.turn)
+
+    @handles("asr.guess")
+    def on_guess(self, env: Envelope) -> None:
+        """Start answering a tentative transcript, if nothing confirmed is waiting."""
+        assert self.log is not None and isinstance(env.body, AsrGuess)
+        guess = env.body
+        old = self._speculation
+        if old is not None and old.turn == env.turn and old.guess >= guess.rev:
+            return  # a repeat, or older than what is being prepared
+        if old is not None:
+            self._revoke(old, "a newer guess")
+        with self._wake:
+            busy = bool(self._queue) or (self._current is not None and not self._current.guess)
+        text = guess.text.strip()
+        if busy or not text or self._stop_phrases.matches(text) or self.log.get(env.turn) is not None:
+            return
+        job = Job(env.turn, VOICE, time.time(), guess=guess.rev, text=self._fit(text)[0])
+        with self._wake:
+            self._speculation = job
+            self._queue.appendleft(job)
+            self._wake.notify()
+
+    @handles("asr.revoke")
+    def on_revoke(self, env: Envelope) -> None:
+        assert isinstance(env.body, AsrRevoke)
+        job = self._speculation
+        if job is not None and job.turn == env.turn and job.guess == env.body.rev:
+            self._revoke(job, env.body.reason)
+
+    def _commit(self, turn: int, final: AsrFinal) -> bool:
+        """The final confirms the guess being answered: make that answer the turn's. False if it does not."""
+        assert self.log is not None
+        job = self._speculation
+        if job is None or job.turn != turn:
+            return False
+        if not final.guess or final.guess != job.guess or final.text.strip() != job.text:
+            self._revoke(job, "the final transcript differs")
+            return False
+        self._speculation = None
+        self.log.accept(turn, VOICE, job.text)
+        with self._wake:
+            job.guess = 0  # from here on, sentences are recorded before they are sent
+            said = list(zip(job.answer.sentences, job.answer.raws))
+            ended, job.ended = job.ended, None
+        for index, (text, raw) in enumerate(said):
+            self.log.add_sentence(turn, index, text, raw)
+        # Sent again as confirmed: this is what tells a speaker to play what it prepared.
+        for index, (text, _raw) in enumerate(said):
+            self.bus.publish(LlmSentence(text=text, index=index, replay=True), turn=turn)
+        self.bus.publish(LlmAccepted(queued=0, note=self._note()), turn=turn)
+        if ended is not None:  # it finished before the confirmation: record and send its end now
+            self.log.finish(turn, ended.finish_reason, ended.reason, self._delivered(job))
+            job.recorded = True
+            self.bus.publish(ended, turn=turn)
+        return True
+
+    def _revoke(self, job: Job, reason: str) -> None:
+        """Drop a speculative answer; whoever prepared it hears ``revoked``."""
+        with self._wake:
+            if self._speculation is job:
+                self._speculation = None
+            job.reason = reason
+            job.cancel.set()
+            queued = job in self._queue
+            if queued:
+                self._queue.remove(job)
+            finished = job.ended is not None
+        if queued or finished:  # a running one says it when its generation stops
+            self.bus.publish(self._revoked(job), turn=job.turn)
+
+    @staticmethod
+    def _revoked(job: Job) -> LlmDone:
+        return LlmDone(finish_reason="revoked", sentences=len(job.answer.sentences), reason=job.reason,
+                       guess=job.guess, timings={"tokens": job.answer.tokens})
+
+    @handles("llm.resend")
+    def on_resend(self, env: Envelope) -> None:
+        assert self.log is not None and isinstance(env.body, LlmResend)
+        record = self.log.get(env.turn)
+        if record is not None:
+            self._send_again(record, env.body.from_index)
 
     @handles("ctl.interrupt")
     def on_interrupt(self, env: Envelope) -> None:
-        with self._lock:
-            job = self._current
-            if job is not None and env.turn in (0, job.turn):
-                job.cancel.set()
+        assert self.log is not None
+        reason = getattr(env.body, "reason", "") or "interrupted"
+        with self._wake:
+            if self._current is not None and env.turn in (0, self._current.turn):
+                self._current.reason = reason
+                self._current.cancel.set()
+            dropped = [job for job in self._queue if job.turn == env.turn]
+            for job in dropped:
+                self._queue.remove(job)
+        for job in dropped:  # not started: it ends now, with nothing said
+            self.log.finish(job.turn, "cancelled", reason, "")
+            self.bus.publish(LlmDone(finish_reason="cancelled", sentences=0, reason=reason), turn=job.turn)
+
+    @handles("play.done")
+    def on_play_done(self, env: Envelope) -> None:
+        assert self.log is not None and isinstance(env.body, PlayDone)
+        self.log.mark_played(env.turn, env.body.index)
 
     @handles("play.stopped")
     def on_play_stopped(self, env: Envelope) -> None:
+        """A voice turn's playback was cut: its history keeps only what was heard."""
+        assert self.log is not None and isinstance(env.body, PlayStopped)
         body = env.body
-        assert isinstance(body, PlayStopped)
-        with self._lock:
-            answer = self._answers.get(env.turn)
-            if answer is None:
+        with self._wake:
+            current = self._current
+            if current is not None and current.turn == env.turn and not current.guess:
+                answer = current.answer
+                if current.channel == VOICE:  # a text turn was delivered as text: playback does not cut it
+                    answer.heard = spoken_part(answer.sentences, body.index, body.spoken_ms, body.total_ms)
+                    current.reason = current.reason or body.reason
+                    current.cancel.set()
                 return
-            answer.spoken = spoken_part(answer.sentences, body.index, body.spoken_ms, body.total_ms)
-            if self._current is not None and self._current.turn == env.turn:
-                self._current.cancel.set()
-            if answer.finished:
-                self._remember_answer(env.turn, answer)
+        record = self.log.get(env.turn)
+        if record is not None and record.done and record.channel == VOICE:
+            said = [s.text for s in record.sentences if s.raw]
+            self.log.finish(env.turn, record.finish, record.reason,
+                            spoken_part(said, body.index, body.spoken_ms, body.total_ms))
 
-    def _known(self, turn: int) -> bool:
-        """True for an utterance already answered, being answered, or queued (a redelivery)."""
-        with self._lock:
-            if turn in self._queued or (self._current is not None and self._current.turn == turn):
-                return True
-        assert self.memory is not None
-        return self.memory.has_answer(turn)
+    def _position(self, turn: int) -> int | None:
+        """Where ``turn`` is among the queued and running turns (0 = being answered), or None."""
+        with self._wake:
+            ahead = [self._current] if self._current is not None else []
+            confirmed = [job for job in (*ahead, *self._queue) if not job.guess and not job.cancel.is_set()]
+            for index, job in enumerate(confirmed):
+                if job.turn == turn:
+                    return index
+        return None
+
+    def _note(self) -> str:
+        return self.memory.degraded if self.memory is not None else ""
+
+    def _send_again(self, record: TurnRecord, from_index: int) -> None:
+        """The stored sentences from ``from_index`` (and the end, if the turn is done), marked as replays."""
+        for s in record.sentences[from_index:]:
+            self.bus.publish(LlmSentence(text=s.text, index=s.index, replay=True, played=s.played), turn=record.turn)
+        if record.done:
+            self.bus.publish(
+                LlmDone(finish_reason=record.finish, sentences=len(record.sentences), reason=record.reason, replay=True),
+                turn=record.turn,
+            )
+
+    def _fit(self, text: str) -> tuple[str, str]:
+        """The question cut to what the model can take beside its system prompt and answer, and a note if cut."""
+        assert self.chat is not None
+        llm = self.settings.llm
+        room = self.chat.context_tokens - llm.max_tokens - self.chat.count_tokens(llm.system_prompt)
+        room -= PROMPT_MARGIN_TOKENS
+        tokens = self.chat.count_tokens(text)
+        if tokens <= room:
+            return text, ""
+        keep = max(1, room) * len(text) // tokens
+        while keep > 1 and self.chat.count_tokens(text[:keep]) > room:
+            keep = keep * 9 // 10
+        return text[:keep], f"the question was cut to its first {keep} characters ({room} tokens fit beside the answer)"
 
     # --- generation (own thread) ------------------------------------------------------------
 
     def _generate_loop(self) -> None:
         while True:
-            job = self._jobs.get()
-            if job is None:
-                return
-            with self._lock:
-                self._queued.discard(job.turn)
-                if job.cancel.is_set() or not self._jobs.empty():
-                    # Superseded before it started: a newer utterance is waiting.
-                    continue
-                self._current = job
+            with self._wake:
+                while not self._queue and not self.stopping:
+                    self._wake.wait(0.5)
+                if self.stopping:
+                    return
+                job = self._current = self._queue.popleft()
             try:
-                self._answer(job)
-            except Exception as exc:  # report and keep serving: the next turn may well work
+                done = self._answer_turn(job)
+            except Exception as exc:  # report, end the turn, and keep serving: the next turn may well work
+                print(f"thinker: turn {job.turn} failed: {exc!r}", file=sys.stderr, flush=True)
                 self.bus.report("thinker.generate", exc)
-            finally:
-                with self._lock:
-                    self._current = None
+                done = self._end_failed(job, exc)
+            # No longer current before the end goes out: a repeat that follows it must find the turn done.
+            with self._wake:
+                self._current = None
+                if job.guess and not job.cancel.is_set():
+                    job.ended, done = done, None  # prepared for a guess: its end waits for the confirmation
+                confirmed_meanwhile = not job.guess and not job.recorded and done is not None
+            if confirmed_meanwhile:  # the confirmation came between the generation's end and now
+                assert self.log is not None and done is not None
+                self.log.finish(job.turn, done.finish_reason, done.reason, self._delivered(job))
+            if done is not None:
+                self.bus.publish(done, turn=job.turn)
 
-    def _answer(self, job: Job) -> None:
-        assert self.memory is not None and self.chat is not None
-        llm = self.settings.llm
-        self.memory.add_user(job.turn, job.text)
-        answer = Answer()
-        with self._lock:
-            self._answers[job.turn] = answer
-            for old in sorted(self._answers)[:-TURNS_REMEMBERED]:
-                del self._answers[old]
-        messages = self._prompt()
+    def _end_failed(self, job: Job, exc: Exception) -> LlmDone:
+        """Every accepted turn gets its llm.done, even one whose answering failed unexpectedly."""
+        reason = f"{getattr(exc, 'code', type(exc).__name__)}: {exc}"
+        if not job.guess:
+            try:
+                assert self.log is not None
+                self.log.finish(job.turn, "error", reason, self._delivered(job))
+                job.recorded = True
+            except VoicebusError:
+                pass  # the history is broken too (already reported); the asker still hears the end
+        return LlmDone(finish_reason="error", sentences=len(job.answer.sentences), reason=reason, guess=job.guess)
+
+    def _answer_turn(self, job: Job) -> LlmDone:
+        """Answer one turn, record it as done (unless it answers a guess), and return its llm.done."""
+        assert self.log is not None and self.chat is not None
+        answer = job.answer
+        record = None if job.guess else self.log.get(job.turn)
+        if record is not None and record.sentences:  # resuming: say again what may not have been heard
+            self._send_again(record, 0)
+            answer.sentences = [s.text for s in record.sentences]
+            answer.raws = [s.raw for s in record.sentences]
         timings: dict[str, float] = {"request": job.received}
-        cutter = SentenceCutter()
-        tokens = 0
-        finish = "stop"
-        pieces: list[str] = []
-
-        def emit(sentences: list[str]) -> None:
-            for sentence in sentences:
-                spoken = speakable(sentence)
-                if spoken:
-                    timings.setdefault("first_sentence", time.time())
-                    with self._lock:  # recorded before it is sent: play.stopped may follow at once
-                        index = len(answer.sentences)
-                        answer.sentences.append(spoken)
-                    self.bus.publish(LlmSentence(text=spoken, index=index), turn=job.turn)
-
-        try:
-            stream = self.chat.stream(messages, max_tokens=llm.max_tokens, cancel=job.cancel)
-            while True:
-                try:
-                    piece = next(stream)
-                except StopIteration as done:
-                    finish = done.value or "stop"
-                    break
-                timings.setdefault("first_token", time.time())
-                tokens += 1
-                pieces.append(piece)
-                self.bus.publish(LlmToken(text=piece, index=tokens - 1), turn=job.turn)
-                emit(cutter.feed(piece))
-            if finish != "cancelled":
-                emit(cutter.flush())  # what arrived passed the service's filters
-            if finish == "content_filter":
-                raise BackendError("the service's content filter withheld the rest of the answer", code="content_filter")
-        except BackendError as exc:
-            finish = "error"
-            self._apologize(job.turn, answer, exc)
+        finish, pieces = "stop", []
+        if job.cancel.is_set():
+            finish = "cancelled"
+        else:
+            try:
+                finish, pieces = self._generate(job, timings)
+            except BackendError as exc:
+                finish = "error"
+                job.reason = f"{exc.code}: {exc}"
+                self._apologize(job, exc)
         if job.cancel.is_set():
             finish = "cancelled"
         timings["done"] = time.time()
+        timings["tokens"] = answer.tokens
         if "first_token" in timings:
             timings["ttft_s"] = timings["first_token"] - job.received
             gen_s = timings["done"] - timings["first_token"]
-            if tokens > 1 and gen_s > 0:
-                timings["tokens_per_s"] = (tokens - 1) / gen_s
-        with self._lock:  # history first: whoever reacts to llm.done sees it
-            answer.finished = True
-            self._remember_answer(job.turn, answer)
-        self.bus.publish(
-            LlmDone(finish_reason=finish, sentences=len(answer.sentences), text="".join(pieces), timings=timings),
-            turn=job.turn,
-        )
+            if answer.tokens > 1 and gen_s > 0:
+                timings["tokens_per_s"] = (answer.tokens - 1) / gen_s
+        with self._wake:
+            speculative = job.guess
+        if speculative:
+            if finish == "cancelled":
+                return self._revoked(job)
+            return LlmDone(finish_reason=finish, sentences=len(answer.sentences), text="".join(pieces),
+                           timings=timings, reason=job.reason)
+        # The record first: whoever reacts to llm.done finds the answer stored.
+        self.log.finish(job.turn, finish, job.reason, self._delivered(job))
+        job.recorded = True
+        return LlmDone(finish_reason=finish, sentences=len(answer.sentences), text="".join(pieces), timings=timings,
+                       reason=job.reason)
 
-    def _apologize(self, turn: int, answer: Answer, exc: BackendError) -> None:
+    def _generate(self, job: Job, timings: dict[str, float]) -> tuple[str, list[str]]:
+        assert self.chat is not None
+        answer = job.answer
+        prefix = " ".join(r for r in answer.raws if r)
+        max_tokens = self.settings.llm.max_tokens - (self.chat.count_tokens(prefix) if prefix else 0)
+        if prefix and max_tokens <= 0:
+            return "length", []
+        messages = self._prompt(job.turn)
+        if job.guess:  # the guessed words are in no history yet
+            messages.append({"role": "user", "content": job.text})
+        cutter = SentenceCutter()
+        pieces: list[str] = []
+        finish = "stop"
+        stream = self.chat.stream(messages, max_tokens=max_tokens, cancel=job.cancel, prefix=prefix)
+        while True:
+            try:
+                piece = next(stream)
+            except StopIteration as done:
+                finish = done.value or "stop"
+                break
+            timings.setdefault("first_token", time.time())
+            answer.tokens += 1
+            pieces.append(piece)
+            if not job.guess:
+                self.bus.publish(LlmToken(text=piece, index=answer.tokens - 1), turn=job.turn)
+            self._emit(job, cutter.feed(piece), timings)
+        if finish != "cancelled":
+            self._emit(job, cutter.flush(), timings)  # what arrived passed the service's filters
+        if finish == "content_filter":
+            raise BackendError("the service's content filter withheld the rest of the answer", code="content_filter")
+        return finish, pieces
+
+    def _emit(self, job: Job, sentences: list[str], timings: dict[str, float]) -> None:
+        for raw in sentences:
+            text = speakable(raw)
+            if text:
+                timings.setdefault("first_sentence", time.time())
+                self._say(job, text, raw)
+
+    def _say(self, job: Job, text: str, raw: str) -> None:
+        """Record a sentence, then send it: a crash in between loses nothing (a guess's is not recorded)."""
+        assert self.log is not None
+        with self._wake:  # play.stopped, or the confirmation of a guess, may come at once and must find it
+            index = len(job.answer.sentences)
+            job.answer.sentences.append(text)
+            job.answer.raws.append(raw)
+            guess = job.guess
+        if not guess:
+            self.log.add_sentence(job.turn, index, text, raw)
+        self.bus.publish(LlmSentence(text=text, index=index, guess=guess), turn=job.turn)
+
+    def _apologize(self, job: Job, exc: BackendError) -> None:
         """llm.error with the reason, and a short spoken apology: the conversation goes on."""
-        self.bus.publish(LlmError(code=exc.code, message=str(exc), transient=exc.transient), turn=turn)
-        with self._lock:
-            # The apology is spoken but is no answer: the history keeps what came before it.
-            if answer.spoken is None:
-                answer.spoken = " ".join(answer.sentences)
-            index = len(answer.sentences)
-            answer.sentences.append(APOLOGY)
-        self.bus.publish(LlmSentence(text=APOLOGY, index=index), turn=turn)
+        self.bus.publish(LlmError(code=exc.code, message=str(exc), transient=exc.transient), turn=job.turn)
+        self._say(job, APOLOGY, "")
 
-    def _prompt(self) -> list[dict[str, str]]:
-        """System prompt and as much recent history as fits beside the answer."""
+    @staticmethod
+    def _delivered(job: Job) -> str:
+        """What the user received of the answer: the history's assistant message."""
+        answer = job.answer
+        said = [text for text, raw in zip(answer.sentences, answer.raws) if raw]  # the apology is no answer
+        if job.channel == VOICE and answer.heard is not None:
+            return answer.heard
+        return " ".join(said)
+
+    def _prompt(self, turn: int | None) -> list[dict[str, str]]:
+        """System prompt and as much history up to ``turn`` as fits beside the answer."""
         assert self.memory is not None and self.chat is not None
         budget = max(256, self.chat.context_tokens - self.settings.llm.max_tokens)
-        return self.memory.messages(budget, self.chat.count_tokens, per_message=4)
-
-    def _remember_answer(self, turn: int, answer: Answer) -> None:
-        """Store the heard part of the answer (called with the lock held)."""
-        assert self.memory is not None
-        text = answer.spoken if answer.spoken is not None else " ".join(answer.sentences)
-        self.memory.set_assistant(turn, text)
+        return self.memory.messages(budget, self.chat.count_tokens, per_message=4, until_turn=turn)
 
     def close(self) -> None:
-        with self._lock:
+        with self._wake:
             if self._current is not None:
                 self._current.cancel.set()
-        self._jobs.put(None)
+            self._wake.notify_all()
         if self._thread is not None:
             self._thread.join(timeout=2)
         if self.chat is not None:

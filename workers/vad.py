@@ -28,8 +28,14 @@ from dataclasses import dataclass, field
 
 from voicebus.engine.errors import ConfigError
 
-from .audio_pcm import FRAME_BYTES, FRAME_MS, RATE
+from .audio.pcm import FRAME_BYTES, FRAME_MS, RATE
 
+PAUSE_FRAMES = 3
+"""Unvoiced frames in a row that make a pause: where a speculative decode can start."""
+RESUME_FRAMES = (3, 4)
+"""Voiced frames among the last few that end a pause (one breath or click does not)."""
+MAX_SILENCE_MS = 5000
+"""The longest silence window that can be asked for (the window's history is kept this long)."""
 START_RATIO = 0.8
 """Share of the start window that must be voiced to confirm speech."""
 END_RATIO = 0.9
@@ -50,6 +56,21 @@ class SpeechStart:
 
 
 @dataclass(frozen=True)
+class SpeechPause:
+    """The speaker went quiet inside an utterance; it may be its end (if the silence lasts)."""
+
+    offset_ms: int
+    """Stream time where the silence began (hangover discounted)."""
+
+
+@dataclass(frozen=True)
+class SpeechResume:
+    """Speech came back after a SpeechPause: the utterance goes on."""
+
+    offset_ms: int
+
+
+@dataclass(frozen=True)
 class SpeechEnd:
     """The utterance ended."""
 
@@ -59,7 +80,7 @@ class SpeechEnd:
     """Length of the utterance, from its start to ``offset_ms``."""
 
 
-VadEvent = SpeechStart | SpeechEnd
+VadEvent = SpeechStart | SpeechPause | SpeechResume | SpeechEnd
 
 
 def _frames(ms: int) -> int:
@@ -101,15 +122,28 @@ class Endpointer:
         # Sound must outlast the hangover by min_speech_ms before it counts as speech.
         self._start_needed = max(1, _frames(min_speech_ms)) + self._hangover
         self._start_window = math.ceil(self._start_needed / START_RATIO)
-        # The hangover already ate part of the silence, so fewer unvoiced frames remain to be seen.
-        self._end_window = max(2, _frames(silence_ms) - self._hangover)
-        self._end_needed = math.ceil(self._end_window * END_RATIO)
+        self.silence_ms = silence_ms
         self._history: deque[bytes] = deque(maxlen=self._preroll + self._start_window)
         self._window: deque[bool] = deque()
+        self._paused = False
         self._frame_index = 0
         self._start_index = 0
         self.in_speech = False
         """True between a SpeechStart and its SpeechEnd."""
+
+    @property
+    def silence_ms(self) -> int:
+        """Silence that ends the utterance; may be changed while one is in progress."""
+        return self._silence_ms
+
+    @silence_ms.setter
+    def silence_ms(self, value: int) -> None:
+        if not 0 <= value <= MAX_SILENCE_MS:
+            raise ConfigError(f"VAD silence_ms must be between 0 and {MAX_SILENCE_MS}, got {value}")
+        self._silence_ms = value
+        # The hangover already ate part of the silence, so fewer unvoiced frames remain to be seen.
+        self._end_window = max(2, _frames(value) - self._hangover)
+        self._end_needed = math.ceil(self._end_window * END_RATIO)
 
     @property
     def offset_ms(self) -> int:
@@ -121,6 +155,7 @@ class Endpointer:
         self._history.clear()
         self._window.clear()
         self.in_speech = False
+        self._paused = False
 
     def feed(self, frame: bytes) -> list[VadEvent]:
         """Classify one 640-byte frame; return the events it completes (usually none)."""
@@ -150,22 +185,41 @@ class Endpointer:
         return [SpeechStart(offset_ms=self._start_index * FRAME_MS, preroll=preroll)]
 
     def _check_end(self, index: int) -> list[VadEvent]:
-        if len(self._window) > self._end_window:
+        if len(self._window) > _frames(MAX_SILENCE_MS):
             self._window.popleft()
-        if len(self._window) < self._end_window or self._window.count(False) < self._end_needed:
-            return []
-        window_first = index - len(self._window) + 1
-        # Silence began where the longest unvoiced run in the window began, less the
-        # hangover that webrtcvad labelled voiced after the last sound.
-        silence_index = window_first + _longest_run_start(self._window, False) - self._hangover
-        end_index = max(silence_index, self._start_index + 1)
-        self.in_speech = False
-        self._window.clear()
-        offset_ms = end_index * FRAME_MS
-        return [SpeechEnd(offset_ms=offset_ms, speech_ms=offset_ms - self._start_index * FRAME_MS)]
+        window = list(self._window)[-self._end_window :]
+        if len(window) >= self._end_window and window.count(False) >= self._end_needed:
+            window_first = index - len(window) + 1
+            # Silence began where the longest unvoiced run in the window began, less the
+            # hangover that webrtcvad labelled voiced after the last sound.
+            silence_index = window_first + _longest_run_start(window, False) - self._hangover
+            end_index = max(silence_index, self._start_index + 1)
+            self.in_speech = False
+            self._paused = False
+            self._window.clear()
+            offset_ms = end_index * FRAME_MS
+            return [SpeechEnd(offset_ms=offset_ms, speech_ms=offset_ms - self._start_index * FRAME_MS)]
+        return self._check_pause(index)
+
+    def _check_pause(self, index: int) -> list[VadEvent]:
+        recent = list(self._window)[-max(PAUSE_FRAMES, RESUME_FRAMES[1]) :]
+        if not self._paused and len(recent) >= PAUSE_FRAMES and not any(recent[-PAUSE_FRAMES:]):
+            self._paused = True
+            run = 0
+            for voiced in reversed(self._window):
+                if voiced:
+                    break
+                run += 1
+            silence_index = max(index - run + 1 - self._hangover, self._start_index + 1)
+            return [SpeechPause(offset_ms=silence_index * FRAME_MS)]
+        needed, among = RESUME_FRAMES
+        if self._paused and sum(recent[-among:]) >= needed:
+            self._paused = False
+            return [SpeechResume(offset_ms=(index - needed + 1) * FRAME_MS)]
+        return []
 
 
-def _longest_run_start(values: deque[bool], wanted: bool) -> int:
+def _longest_run_start(values: list[bool], wanted: bool) -> int:
     """Index where the longest run of ``wanted`` begins (the first such run on a tie)."""
     best_start, best_len, run_start, run_len = 0, 0, 0, 0
     for i, value in enumerate(values):

@@ -3,7 +3,9 @@
 It picks its behaviour from the request's model name, ``"<scenario>-<tag>"``:
 ok, auth (401), missing (404), flaky429/always429/slow429 (Retry-After),
 quota, e500, reject (400 content filter), filtered (finish_reason
-content_filter), drop/dropeof (stream cut), slow, stall. Each tag has its own
+content_filter), drop/dropeof (stream cut), slow, stall, echo ("You said: <the
+question>."), count (sentences "One." "Two." … at a steady pace, continuing after
+an assistant prefix the way a prefill-capable server does). Each tag has its own
 request counter, so tests do not disturb each other.
 """
 
@@ -58,6 +60,9 @@ def _chunk(content: str | None = None, finish: str | None = None) -> bytes:
     return f"data: {json.dumps(event)}\n\n".encode()
 
 
+COUNT_WORDS = "One Two Three Four Five Six Seven Eight Nine Ten Eleven Twelve".split()
+
+
 class ScriptedHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     script: Script  # set on a subclass per server
@@ -72,6 +77,7 @@ class ScriptedHandler(BaseHTTPRequestHandler):
         with self.script.lock:
             self.script.requests.append(request)
         model = body["model"]
+        self.body = body
         attempt = len(self.script.seen(model))
         getattr(self, "scenario_" + model.split("-")[0])(model, attempt)
 
@@ -182,6 +188,36 @@ class ScriptedHandler(BaseHTTPRequestHandler):
                 self.write_chunk(_chunk(f" w{i}"))
                 if self.script.stop.wait(0.05):
                     return
+            self.write_chunk(_chunk(finish="stop"))
+            self.finish_sse()
+        except OSError:
+            self.script.disconnected[model] = time.monotonic()
+            self.close_connection = True
+
+    def scenario_echo(self, model: str, attempt: int) -> None:
+        # A warm-up request carries only the system prompt.
+        question = next((m["content"] for m in reversed(self.body["messages"]) if m["role"] == "user"), "nothing")
+        self.start_sse()
+        for piece in ("You said: ", question.rstrip(".?!"), "."):
+            self.write_chunk(_chunk(piece))
+        self.write_chunk(_chunk(finish="stop"))
+        self.finish_sse()
+
+    def scenario_count(self, model: str, attempt: int) -> None:
+        """``count-<tag>[-N]``: N (default 8) numbered sentences, one piece every 40 ms."""
+        parts = model.split("-")
+        total = int(parts[2]) if len(parts) > 2 else 8
+        messages = self.body["messages"]
+        done = COUNT_WORDS.index(messages[-1]["content"].split()[-1].rstrip(".")) + 1 if (
+            messages[-1]["role"] == "assistant") else 0
+        self.start_sse()
+        try:
+            for number in range(done, total):
+                for piece in (" " if number else "", COUNT_WORDS[number], "."):
+                    if piece:
+                        self.write_chunk(_chunk(piece))
+                        if self.script.stop.wait(0.04):
+                            return
             self.write_chunk(_chunk(finish="stop"))
             self.finish_sse()
         except OSError:

@@ -162,10 +162,15 @@ class _Utterance:
             self._stream_open = False
             self.stream.close()
 
-    def new_partial(self) -> str | None:
-        """The running text (finals so far + current hypothesis) if it changed since last asked."""
+    def running_text(self) -> str:
+        """Finals so far + the current hypothesis."""
         with self._lock:
-            text = " ".join([*self._finals, self._hypothesis]).strip()
+            return " ".join([*self._finals, self._hypothesis]).strip()
+
+    def new_partial(self) -> str | None:
+        """The running text if it changed since last asked."""
+        text = self.running_text()
+        with self._lock:
             if not text or text == self._returned_partial:
                 return None
             self._returned_partial = text
@@ -253,6 +258,10 @@ class AzureRecognizer:
             raise utterance.error
         utterance.write(pcm)
         return utterance.new_partial()
+
+    def hypothesis(self) -> str:
+        """What the service has recognized of this utterance so far (a guess at a pause)."""
+        return self._live[0].running_text() if self._live else ""
 
     def end(self) -> Transcript:
         """Close the audio stream and wait (at most ``end_timeout_s``) for the final result.

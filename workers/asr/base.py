@@ -1,7 +1,9 @@
 """The speech recognition interface every ASR backend implements.
 
-Audio in is always 16 kHz mono little-endian int16 PCM (the listener converts);
-one utterance at a time: ``begin`` → ``feed``… → ``end``.
+Audio in is always 16 kHz mono little-endian int16 PCM (the listener converts).
+A streaming recognizer decodes while audio arrives, one utterance at a time:
+``begin`` → ``feed``… → ``end``. A batch recognizer (whisper) has ``transcribe``
+instead, which the listener calls on a thread of its own (see ``hearing``).
 """
 
 from __future__ import annotations
@@ -30,6 +32,9 @@ class Recognizer(Protocol):
 
     def feed(self, pcm: bytes) -> str | None:
         """Decode more audio; return the new partial hypothesis if it changed, else None."""
+
+    def hypothesis(self) -> str:
+        """The best text of the utterance so far (the listener's guess at a pause); "" if none."""
 
     def end(self) -> Transcript:
         """Finish the utterance and return its final result."""

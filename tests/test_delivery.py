@@ -1,0 +1,303 @@
+"""The thinker's delivery guarantees, on a real bus, against a scripted OpenAI-compatible server.
+
+Every accepted turn is answered exactly once and ends with exactly one llm.done;
+repeats get the stored answer; a restarted thinker resumes what its predecessor
+accepted; the history keeps what the user received (text: all; voice: what was heard).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from voicebus.engine.client import BusClient
+from voicebus.engine.messages import Interrupt, new_turn_id
+from voicebus.workers.kinds import Ask, AsrFinal, LlmResend, PlayDone, PlayStopped
+from voicebus.workers.memory import Conversation
+from voicebus.workers.thinker import Thinker
+from voicebus.workers.turnlog import TEXT, TurnLog
+
+from conftest import wait_for
+
+
+@pytest.fixture
+def thinker(run_actor, scripted, tmp_path):
+    """Start a thinker on the scripted server; ``model`` picks its behaviour (see support/openai_server)."""
+    url, _ = scripted
+
+    def start(model: str, **overrides):
+        settings = {"llm.backend": "openai", "llm.base_url": f"{url}/v1", "llm.api_key": "k", "llm.model": model,
+                    "llm.timeout_s": 5.0, **overrides}
+        return run_actor(Thinker, **settings)
+
+    return start
+
+
+def ready(client: BusClient) -> None:
+    wait_for(client, lambda e: e.kind == "sys.ready" and e.body.name == "thinker", timeout=30)
+
+
+def until_done(client: BusClient, turn: int, timeout: float = 30) -> list:
+    seen: list = []
+    wait_for(client, lambda e: (e.turn == turn and not seen.append(e)) and e.kind == "llm.done", timeout=timeout)
+    return seen
+
+
+def history(tmp_path: Path) -> list[tuple[int, str, str]]:
+    with Conversation(tmp_path / "conversation.sqlite") as memory:
+        return memory.history()
+
+
+def test_concurrent_askers_are_each_answered_once_in_order(thinker, make_client, tmp_path):
+    watcher = make_client("watch", subscribe=("llm.", "sys.ready"))
+    thinker("echo-concurrent")
+    ready(watcher)
+    askers = [make_client(f"asker{i}") for i in range(5)]
+    turns = {}
+    base = new_turn_id() * 100
+    for round_ in range(3):
+        for i, asker in enumerate(askers):
+            turn = base + round_ * 10 + i  # distinct even when asked within one millisecond
+            turns[turn] = f"question {round_} from asker {i}"
+            asker.publish(Ask(text=turns[turn]), turn=turn)
+    done: dict[int, object] = {}
+    sentences: dict[int, list[str]] = {}
+    deadline = time.monotonic() + 60
+    while len(done) < len(turns) and time.monotonic() < deadline:
+        env = watcher.recv(timeout=1.0)
+        if env is None or env.turn not in turns:
+            continue
+        if env.kind == "llm.sentence":
+            sentences.setdefault(env.turn, []).append(env.body.text)
+        elif env.kind == "llm.done":
+            assert env.turn not in done, "a second llm.done for one turn"
+            done[env.turn] = env.body
+    assert set(done) == set(turns), f"{len(turns) - len(done)} turn(s) got no llm.done"
+    for turn, question in turns.items():
+        assert done[turn].finish_reason == "stop", (question, done[turn])
+        assert sentences[turn] == [f"You said: {question}."]
+    answers = {t: text for t, role, text in history(tmp_path) if role == "assistant"}
+    assert {t: answers[t] for t in turns} == {t: f"You said: {q}." for t, q in turns.items()}
+
+
+def test_a_repeat_of_a_finished_turn_gets_the_stored_answer_not_a_new_one(thinker, make_client, scripted):
+    _, script = scripted
+    client = make_client("test", subscribe=("llm.", "sys.ready"))
+    thinker("count-repeat-3")
+    ready(client)
+    turn = new_turn_id()
+    client.publish(Ask(text="Count to three."), turn=turn)
+    first = [e.body.text for e in until_done(client, turn) if e.kind == "llm.sentence"]
+    assert first == ["One.", "Two.", "Three."]
+    client.publish(Ask(text="Count to three."), turn=turn)  # the asker missed the end (a bus died)
+    again = until_done(client, turn)
+    assert [(e.body.text, e.body.replay) for e in again if e.kind == "llm.sentence"] == [
+        ("One.", True), ("Two.", True), ("Three.", True)]
+    assert again[-1].body.replay and again[-1].body.finish_reason == "stop"
+    client.publish(LlmResend(from_index=2), turn=turn)  # a receiver found a gap
+    resent = until_done(client, turn)
+    assert [e.body.index for e in resent if e.kind == "llm.sentence"] == [2]
+    asked = [r for r in script.seen("count-repeat-3") if r.body["messages"][-1]["role"] == "user"]
+    assert len(asked) == 1, "the answer was generated twice"  # (the other request is the warm-up)
+
+
+def test_a_text_turn_keeps_its_whole_answer_a_voice_turn_what_was_heard(thinker, make_client, tmp_path):
+    client = make_client("test", subscribe=("llm.", "sys.ready"))
+    thinker("count-channels-4")
+    ready(client)
+    text_turn, voice_turn = new_turn_id(), new_turn_id() + 1
+    client.publish(Ask(text="Count."), turn=text_turn)
+    until_done(client, text_turn)
+    # Its playback was cut (e.g. the speaker plays into 'none' and the next answer came):
+    # the asker already has the whole text, so the history must too.
+    client.publish(PlayStopped(index=1, reason="interrupted", spoken_ms=500, total_ms=1000), turn=text_turn)
+    client.publish(AsrFinal(text="Count."), turn=voice_turn)
+    until_done(client, voice_turn)
+    client.publish(PlayDone(index=0, spoken_ms=800), turn=voice_turn)
+    client.publish(PlayStopped(index=1, reason="barge-in", spoken_ms=0, total_ms=900), turn=voice_turn)
+
+    def answers():
+        return {t: text for t, role, text in history(tmp_path) if role == "assistant"}
+
+    deadline = time.monotonic() + 5
+    while answers().get(voice_turn) != "One." and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert answers() == {text_turn: "One. Two. Three. Four.", voice_turn: "One."}
+
+
+def test_interrupting_a_queued_turn_ends_it_at_once_and_the_asker_hears_why(thinker, make_client):
+    client = make_client("test", subscribe=("llm.", "sys.ready"))
+    thinker("count-queue-12")
+    ready(client)
+    running, queued = new_turn_id(), new_turn_id() + 1
+    client.publish(Ask(text="Count to twelve."), turn=running)
+    client.publish(Ask(text="And again."), turn=queued)
+    accepted = wait_for(client, lambda e: e.kind == "llm.accepted" and e.turn == queued, timeout=10)
+    assert accepted.body.queued == 1
+    client.publish(Interrupt(reason="the user changed their mind"), turn=queued)
+    done = wait_for(client, lambda e: e.kind == "llm.done" and e.turn == queued, timeout=5)
+    assert done.body.finish_reason == "cancelled" and done.body.reason == "the user changed their mind"
+    assert done.body.sentences == 0
+    rest = until_done(client, running)
+    assert rest[-1].body.finish_reason == "stop"  # the first asker was not cancelled by the second
+
+
+def test_a_new_thinker_resumes_what_its_predecessor_accepted(thinker, make_client, tmp_path, scripted):
+    """The state a thinker killed mid-answer leaves behind: the turn accepted, two sentences sent."""
+    _, script = scripted
+    turn = new_turn_id()
+    with Conversation(tmp_path / "conversation.sqlite") as memory:
+        log = TurnLog(memory)
+        log.accept(turn, TEXT, "Count to five.")
+        log.add_sentence(turn, 0, "One.", "One.")
+        log.add_sentence(turn, 1, "Two.", "Two.")
+        log.mark_played(turn, 0)
+    client = make_client("test", subscribe=("llm.", "sys.ready"))
+    thinker("count-resume-5")
+    seen = until_done(client, turn)
+    sentences = [(e.body.index, e.body.text, e.body.replay, e.body.played) for e in seen if e.kind == "llm.sentence"]
+    assert sentences == [(0, "One.", True, True), (1, "Two.", True, False),
+                         (2, "Three.", False, False), (3, "Four.", False, False), (4, "Five.", False, False)]
+    assert seen[-1].body.finish_reason == "stop" and seen[-1].body.sentences == 5
+    request = script.seen("count-resume-5")[-1].body
+    assert request["messages"][-1] == {"role": "assistant", "content": "One. Two."}  # continued, not restarted
+    assert history(tmp_path)[-1] == (turn, "assistant", "One. Two. Three. Four. Five.")
+
+
+def test_empty_and_oversized_questions(thinker, make_client, tmp_path):
+    client = make_client("test", subscribe=("llm.", "sys.ready"))
+    thinker("echo-sizes", **{"llm.context_tokens": 512, "llm.max_tokens": 64})
+    ready(client)
+    empty = new_turn_id()
+    client.publish(Ask(text="   "), turn=empty)
+    seen = until_done(client, empty)
+    assert [e.kind for e in seen] == ["llm.error", "llm.done"] and seen[0].body.code == "empty"
+    big = new_turn_id() + 1
+    client.publish(Ask(text="word " * 20_000), turn=big)
+    accepted = wait_for(client, lambda e: e.kind == "llm.accepted" and e.turn == big, timeout=10)
+    assert "cut" in accepted.body.note
+    until_done(client, big)
+    stored = next(text for t, role, text in history(tmp_path) if t == big and role == "user")
+    assert len(stored) < 4 * 512
+
+
+def _mount_tmpfs(path: Path, size: str) -> bool:
+    path.mkdir(parents=True, exist_ok=True)
+    return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                          capture_output=True).returncode == 0
+
+
+def test_a_full_disk_is_reported_and_the_conversation_goes_on(run_actor, scripted, make_client, tmp_path):
+    state = tmp_path / "small"
+    if os.geteuid() != 0 or not _mount_tmpfs(state, "1m"):
+        pytest.skip("needs root to mount a small tmpfs (a real full disk)")
+    try:
+        url, _ = scripted
+        client = make_client("test", subscribe=("llm.", "sys."))
+        run_actor(Thinker, **{"state.dir": state, "llm.backend": "openai", "llm.base_url": f"{url}/v1",
+                              "llm.api_key": "k", "llm.model": "echo-full", "llm.timeout_s": 5.0})
+        ready(client)
+        with open(state / "filler", "wb", buffering=0) as filler:  # fill the disk
+            try:
+                while True:
+                    filler.write(b"\0" * 4096)
+            except OSError:
+                pass
+        turns = [new_turn_id(), new_turn_id() + 1]
+        everything: list = []
+        for i, turn in enumerate(turns):
+            client.publish(Ask(text=f"Question {i}."), turn=turn)
+            wait_for(client, lambda e: not everything.append(e) and e.kind == "llm.done" and e.turn == turn)
+            said = [e.body.text for e in everything if e.kind == "llm.sentence" and e.turn == turn]
+            assert said == [f"You said: Question {i}."]
+        errors = [e.body for e in everything if e.kind == "sys.error" and e.body.code == "memory"]
+        assert len(errors) == 1 and "kept in memory only" in errors[0].message  # said once, not per write
+        notes = [e.body.note for e in everything if e.kind == "llm.accepted"]
+        assert "kept in memory only" in notes[-1]  # and each asker is told
+    finally:
+        subprocess.run(["umount", "-l", str(state)], capture_output=True)
+
+
+def test_every_turn_ends_even_when_answering_fails_unexpectedly(thinker, make_client, monkeypatch):
+    client = make_client("test", subscribe=("llm.", "sys.ready"))
+    actor = thinker("echo-broken")
+    ready(client)
+    broken = threading.Event()
+
+    def explode(*_args, **_kwargs):
+        broken.set()
+        raise RuntimeError("a bug in the prompt builder")
+
+    monkeypatch.setattr(actor, "_prompt", explode)
+    turn = new_turn_id()
+    client.publish(Ask(text="Hello?"), turn=turn)
+    done = wait_for(client, lambda e: e.kind == "llm.done" and e.turn == turn, timeout=10)
+    assert broken.is_set() and done.body.finish_reason == "error" and "a bug" in done.body.reason
+
+
+# --- speculation ---------------------------------------------------------------------------------
+
+from voicebus.workers.kinds import AsrGuess, AsrRevoke  # noqa: E402
+
+
+def test_a_confirmed_guess_becomes_the_answer_without_starting_over(thinker, make_client, tmp_path, scripted):
+    _, script = scripted
+    client = make_client("test", subscribe=("llm.", "sys.ready"))
+    thinker("count-commit-6")
+    ready(client)
+    turn = new_turn_id()
+    client.publish(AsrGuess(text="Count to six.", rev=1, offset_ms=1200), turn=turn)
+    early = wait_for(client, lambda e: e.kind == "llm.sentence" and e.turn == turn, timeout=10)
+    assert early.body.guess == 1 and early.body.text == "One."
+    assert history(tmp_path) == [], "a guess reached the history before it was confirmed"
+    client.publish(AsrFinal(text="Count to six.", guess=1), turn=turn)
+    seen = until_done(client, turn)
+    confirmed = sorted({e.body.index: e.body.text for e in seen if e.kind == "llm.sentence" and not e.body.guess}.items())
+    assert [text for _, text in confirmed] == ["One.", "Two.", "Three.", "Four.", "Five.", "Six."]
+    assert seen[-1].body.finish_reason == "stop" and seen[-1].body.sentences == 6
+    asked = [r for r in script.seen("count-commit-6") if r.body["messages"][-1]["role"] == "user"]
+    assert len(asked) == 1, "the answer was started again after the confirmation"
+    assert history(tmp_path) == [(turn, "user", "Count to six."),
+                                 (turn, "assistant", "One. Two. Three. Four. Five. Six.")]
+
+
+def test_an_answer_finished_before_its_confirmation_ends_when_confirmed(thinker, make_client, tmp_path):
+    client = make_client("test", subscribe=("llm.", "sys.ready"))
+    thinker("echo-early")
+    ready(client)
+    turn = new_turn_id()
+    client.publish(AsrGuess(text="Hello there.", rev=2, offset_ms=900), turn=turn)
+    wait_for(client, lambda e: e.kind == "llm.sentence" and e.turn == turn and e.body.guess == 2, timeout=10)
+    time.sleep(0.5)  # the short answer is complete now, waiting
+    client.publish(AsrFinal(text="Hello there.", guess=2), turn=turn)
+    done = wait_for(client, lambda e: e.kind == "llm.done" and e.turn == turn, timeout=10)
+    assert done.body.finish_reason == "stop" and done.body.sentences == 1
+    assert history(tmp_path)[-1] == (turn, "assistant", "You said: Hello there.")
+
+
+@pytest.mark.parametrize("how", ["revoke", "different final"])
+def test_a_void_guess_is_cancelled_and_never_remembered(thinker, make_client, tmp_path, how):
+    client = make_client("test", subscribe=("llm.", "sys.ready"))
+    thinker(f"count-void{how[0]}-12")
+    ready(client)
+    turn = new_turn_id()
+    client.publish(AsrGuess(text="What is the capital of", rev=1, offset_ms=1500), turn=turn)
+    wait_for(client, lambda e: e.kind == "llm.sentence" and e.turn == turn and e.body.guess == 1, timeout=10)
+    if how == "revoke":
+        client.publish(AsrRevoke(rev=1), turn=turn)
+    else:
+        client.publish(AsrFinal(text="What is the capital of Peru?"), turn=turn)
+    revoked = wait_for(client, lambda e: e.kind == "llm.done" and e.turn == turn, timeout=10)
+    assert revoked.body.finish_reason == "revoked" and revoked.body.guess == 1
+    assert revoked.body.timings["tokens"] > 0  # what the guess cost
+    if how == "revoke":
+        assert history(tmp_path) == []
+        return
+    seen = until_done(client, turn)
+    assert seen[-1].body.finish_reason == "stop" and not any(e.body.guess for e in seen if e.kind == "llm.sentence")
+    assert [text for t, role, text in history(tmp_path) if role == "user"] == ["What is the capital of Peru?"]

@@ -1,0 +1,147 @@
+"""The listener's front end: utterances, guesses at pauses, finals, with real voice activity detection.
+
+Speech is the embedded piper voice; the recognizer is a stand-in whose words and
+decoding time the test controls, so the race between decoding and the silence
+window can be set either way. The real recognizers are tested in test_asr.py and
+test_eval_asr.py.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from voicebus.workers.asr.base import Transcript
+from voicebus.workers.audio import FRAME_BYTES, RATE, Resampler
+from voicebus.workers.hearing import Ended, Final, Guess, Hearing, NoMatch, Revoked, SpeechStarted
+from voicebus.workers.turn_end import EndOfTurn, completeness
+from voicebus.workers.vad import Endpointer
+
+pytestmark = pytest.mark.slow  # piper synthesis
+
+
+@pytest.fixture(scope="module")
+def say():
+    from voicebus.workers.tts.piper import PiperSynthesizer
+
+    voice = PiperSynthesizer()
+    resampler = Resampler(voice.sample_rate, RATE)
+
+    def speak(text: str) -> bytes:
+        pcm = b"".join(resampler.process(chunk) for chunk in voice.synthesize(text)) + resampler.flush()
+        return pcm[: len(pcm) - len(pcm) % 2]
+
+    yield speak
+    voice.close()
+
+
+def silence(ms: int) -> bytes:
+    return bytes(RATE * 2 * ms // 1000)
+
+
+class Scripted:
+    """A batch recognizer: answers ``words[n]`` for its n-th decode, taking ``decode_s`` each time."""
+
+    def __init__(self, words: list[str], decode_s: float = 0.05) -> None:
+        self.words = words
+        self.decode_s = decode_s
+        self.calls: list[int] = []
+
+    def transcribe(self, pcm: bytes) -> Transcript:
+        self.calls.append(len(pcm))
+        time.sleep(self.decode_s)
+        return Transcript(self.words[min(len(self.calls), len(self.words)) - 1], 0.9)
+
+
+def run(recognizer, pcm: bytes, *, realtime: bool = True, **end_of_turn) -> list[tuple[float, object]]:
+    """Feed ``pcm`` frame by frame (at real time: decoding overlaps the audio); (seconds, event) pairs."""
+    events: list[tuple[float, object]] = []
+    start = time.monotonic()
+    hearing = Hearing(recognizer, Endpointer(silence_ms=end_of_turn.get("base_ms", 500)),
+                      lambda e: events.append((time.monotonic() - start, e)),
+                      end_of_turn=EndOfTurn(**end_of_turn) if end_of_turn else None)
+    for i in range(0, len(pcm) - FRAME_BYTES + 1, FRAME_BYTES):
+        hearing.feed(pcm[i : i + FRAME_BYTES])
+        if realtime:
+            time.sleep(max(0.0, start + (i + FRAME_BYTES) / (RATE * 2) - time.monotonic()))
+    hearing.drain()
+    hearing.close()
+    return events
+
+
+def of(events, kind) -> list:
+    return [e for _, e in events if isinstance(e, kind)]
+
+
+def test_the_final_is_ready_when_the_silence_window_closes(say):
+    question = say("What is the capital of France?")
+    events = run(Scripted(["What is the capital of France?"]), silence(500) + question + silence(1500))
+    [start], [guess], [ended], [final] = of(events, SpeechStarted), of(events, Guess), of(events, Ended), of(events, Final)
+    assert final.text == guess.text == "What is the capital of France?" and final.guess == guess.rev
+    at = {type(e): t for t, e in events}
+    assert at[Guess] < at[Ended] <= at[Final] < at[Ended] + 0.05  # decoded during the window
+    assert final.decode_s == 0.0
+    assert ended.silence_ms == 300  # a complete question: the short window
+
+
+def test_a_decode_slower_than_the_window_finishes_after_it(say):
+    question = say("What is the capital of France?")
+    events = run(Scripted(["Hello there"], decode_s=0.8), silence(500) + question + silence(2000), base_ms=400,
+                 adaptive=False)
+    [ended], [final] = of(events, Ended), of(events, Final)
+    at = {type(e): t for t, e in events}
+    assert 0.2 < at[Final] - at[Ended] < 0.9
+    assert final.guess >= 1 and not of(events, Guess)  # it ended before the guess was ready: no guess went out
+
+
+def test_speech_resuming_after_a_pause_revokes_the_guess(say):
+    pcm = silence(500) + say("Set a timer for") + silence(700) + say("ten minutes.") + silence(1500)
+    recognizer = Scripted(["Set a timer for", "Set a timer for ten minutes."])
+    events = run(recognizer, pcm)
+    names = [type(e).__name__ for _, e in events if not isinstance(e, SpeechStarted)]
+    assert names.count("Ended") == 1, names  # one utterance: the pause did not end it
+    guesses, [revoked], [final] = of(events, Guess), of(events, Revoked), of(events, Final)
+    assert guesses[0].text == "Set a timer for" and revoked.rev == guesses[0].rev
+    assert final.text == "Set a timer for ten minutes." and final.guess > revoked.rev
+
+
+def test_words_that_end_mid_phrase_lengthen_the_window(say):
+    pcm = silence(500) + say("What is the capital of") + silence(1000) + say("Peru?") + silence(1500)
+    fixed = run(Scripted(["What is the capital of", "Peru?"]), pcm, base_ms=500, adaptive=False)
+    adaptive = run(Scripted(["What is the capital of", "What is the capital of Peru?"]), pcm, base_ms=500)
+    assert len(of(fixed, Ended)) == 2  # a fixed 500 ms window cuts the person off
+    assert len(of(adaptive, Ended)) == 1 and of(adaptive, Final)[0].text == "What is the capital of Peru?"
+
+
+def test_nothing_recognized_is_a_no_match(say):
+    events = run(Scripted([""]), silence(300) + say("Hmm.") + silence(1500), realtime=False)
+    assert [type(e) for e in of(events, NoMatch)] == [NoMatch] and not of(events, Final)
+
+
+def test_an_ignored_utterance_gives_no_transcript(say):
+    events: list = []
+    hearing = Hearing(Scripted(["words"]), Endpointer(), events.append)
+    pcm = silence(300) + say("Some words the assistant itself said.") + silence(1500)
+    for i in range(0, len(pcm) - FRAME_BYTES + 1, FRAME_BYTES):
+        hearing.feed(pcm[i : i + FRAME_BYTES])
+        if any(isinstance(e, SpeechStarted) for e in events) and not hearing._ignoring:
+            hearing.ignore_current()
+    hearing.drain()
+    hearing.close()
+    assert not [e for e in events if isinstance(e, (Final, NoMatch, Ended, Guess))]
+
+
+def test_completeness_of_what_was_said():
+    assert completeness("What is the capital of France?") == "complete"
+    assert completeness("Turn off the lights.") == "complete"
+    for text in ("Set a timer for", "What is the capital of.", "Remind me to call my", "Twenty", "and then,",
+                 "I want to...", "Add eggs and"):
+        assert completeness(text) == "incomplete", text
+    assert completeness("") == completeness("Hello") == "unknown"
+    windows = EndOfTurn(base_ms=500, complete_ms=300, incomplete_ms=1400)
+    assert windows.window_ms("Where is Peru?") == 300
+    assert windows.window_ms("Where is the") == 1400 and windows.window_ms(None) == 500
+    assert EndOfTurn(adaptive=False).window_ms("Where is the") == 500

@@ -1,0 +1,373 @@
+"""The listener's front end: audio frames → utterances and their transcripts, as events.
+
+One ``Hearing`` takes the input's 20 ms frames in order (``feed``, on the audio
+thread) and reports what it hears through a callback, from the audio thread or
+its decode thread:
+
+    SpeechStarted   an utterance began (voice activity)
+    Partial         a streaming recognizer's hypothesis changed
+    Guess           a tentative transcript of the utterance so far, made at a pause
+    Revoked         the speaker went on after a pause: that guess is void
+    Ended           the utterance ended (its silence window passed)
+    Final / NoMatch its transcript, or why there is none
+
+Two kinds of recognizer are driven. A *streaming* one (pocketsphinx, Azure)
+is fed every frame as it comes; its hypothesis at a pause is the guess and its
+result at the end the final. A *batch* one (whisper) reads a whole utterance
+at once, which costs a few hundred milliseconds — so it never runs on the audio
+thread. At every pause its decode thread transcribes the utterance so far; if
+the silence lasts, that result *is* the final, ready the moment the window
+closes; if speech resumes, the result is thrown away (the audio thread never
+waits). Only when no guess is ready at the end is the final awaited.
+
+The silence window that ends an utterance adapts to what was said (see
+``turn_end``): short after a complete question, long after "set a timer for".
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from voicebus.engine.errors import VoicebusError
+from voicebus.workers.asr.base import Transcript
+from voicebus.workers.turn_end import EndOfTurn
+from voicebus.workers.vad import Endpointer, SpeechEnd, SpeechPause, SpeechResume, SpeechStart
+
+
+# --- events -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SpeechStarted:
+    utterance: int
+    offset_ms: int
+
+
+@dataclass(frozen=True)
+class Partial:
+    utterance: int
+    text: str
+
+
+@dataclass(frozen=True)
+class Guess:
+    utterance: int
+    rev: int
+    """1, 2, … within the utterance: a new pause, a new guess"""
+    text: str
+    offset_ms: int
+    """where the pause began"""
+
+
+@dataclass(frozen=True)
+class Revoked:
+    utterance: int
+    rev: int
+
+
+@dataclass(frozen=True)
+class Ended:
+    utterance: int
+    offset_ms: int
+    """where the speech ended (the silence began)"""
+    speech_ms: int
+    silence_ms: int
+    """the silence window that ended it"""
+
+
+@dataclass(frozen=True)
+class Final:
+    utterance: int
+    text: str
+    confidence: float | None
+    guess: int
+    """the guess this final confirms (0: none; then any published guess is void)"""
+    decode_s: float
+    """recognizer time spent on the decode that gave this result"""
+
+
+@dataclass(frozen=True)
+class NoMatch:
+    utterance: int
+    reason: str
+    guess: int = 0
+
+
+Event = SpeechStarted | Partial | Guess | Revoked | Ended | Final | NoMatch
+
+
+# --- recognizers ------------------------------------------------------------------------------
+
+
+class StreamingRecognizer(Protocol):
+    """Decodes while audio arrives (see ``asr.base.Recognizer``)."""
+
+    def begin(self) -> None: ...
+    def feed(self, pcm: bytes) -> str | None: ...
+    def hypothesis(self) -> str: ...
+    def end(self) -> Transcript: ...
+
+
+class BatchRecognizer(Protocol):
+    """Transcribes a whole utterance at once; called from one thread at a time."""
+
+    def transcribe(self, pcm: bytes) -> Transcript: ...
+
+
+# --- the front end ----------------------------------------------------------------------------
+
+
+@dataclass
+class _Utterance:
+    number: int
+    start_ms: int
+    audio: bytearray = field(default_factory=bytearray)
+    rev: int = 0
+    """the current guess revision (bumped at each pause)"""
+    guesses: dict[int, Transcript] = field(default_factory=dict)
+    """rev → its result, once decoded"""
+    paused_rev: int = 0
+    """the rev whose pause is still going on (0: speaking)"""
+    pause_offsets: dict[int, int] = field(default_factory=dict)
+    """rev → where its pause began (stream ms)"""
+    ended: Ended | None = None
+    finalized: bool = False
+
+
+class Hearing:
+    """Voice activity + recognition for one input stream; see the module docstring.
+
+    ``emit`` is called from the audio thread or the decode thread, sometimes with
+    this object's lock held (so that a Guess and its Revoked keep their order): it
+    must be quick and must not call back into this object.
+    """
+
+    def __init__(
+        self,
+        recognizer: StreamingRecognizer | BatchRecognizer,
+        endpointer: Endpointer,
+        emit: Callable[[Event], None],
+        *,
+        end_of_turn: EndOfTurn | None = None,
+        min_audio_ms: int = 100,
+    ) -> None:
+        self.recognizer = recognizer
+        self.batch = hasattr(recognizer, "transcribe")
+        self.vad = endpointer
+        self.emit = emit
+        self.end_of_turn = end_of_turn or EndOfTurn(endpointer.silence_ms)
+        self._min_audio = min_audio_ms * 32
+        self._lock = threading.Lock()
+        self._current: _Utterance | None = None
+        self._count = 0
+        self._ignoring = False
+        self._jobs: list[tuple[_Utterance, int, bytes]] = []
+        self._wake = threading.Condition(self._lock)
+        self._closed = False
+        self._busy = False
+        self._window_wanted: int | None = None
+        """a silence window chosen off the audio thread, applied at the next frame"""
+        self._thread: threading.Thread | None = None
+        if self.batch:
+            self._thread = threading.Thread(target=self._decode_loop, name="hearing-decode", daemon=True)
+            self._thread.start()
+
+    @property
+    def in_speech(self) -> bool:
+        return self.vad.in_speech
+
+    def ignore_current(self) -> None:
+        """Drop the utterance in progress (e.g. heard while the assistant talks, half duplex)."""
+        with self._lock:
+            self._ignoring = True
+
+    # --- audio thread -------------------------------------------------------------------------
+
+    def feed(self, frame: bytes) -> None:
+        with self._lock:
+            window, self._window_wanted = self._window_wanted, None
+        if window is not None:
+            self.vad.silence_ms = window  # set here: the endpointer belongs to this thread
+        started = False
+        for event in self.vad.feed(frame):
+            if isinstance(event, SpeechStart):
+                self._started(event)  # its preroll holds this frame already
+                started = True
+            elif isinstance(event, SpeechPause):
+                self._paused(event)
+            elif isinstance(event, SpeechResume):
+                self._resumed()
+            elif isinstance(event, SpeechEnd):
+                self._ended(event)
+                return
+        utterance = self._current
+        if utterance is not None and self.vad.in_speech and not self._ignoring and not started:
+            self._take(utterance, frame)
+
+    def _take(self, utterance: _Utterance, frame: bytes) -> None:
+        utterance.audio += frame
+        if not self.batch:
+            partial = self.recognizer.feed(frame)  # type: ignore[union-attr]
+            if partial:
+                self.emit(Partial(utterance.number, partial))
+
+    def _started(self, event: SpeechStart) -> None:
+        with self._lock:
+            self._ignoring = False
+            self._count += 1
+            utterance = self._current = _Utterance(self._count, event.offset_ms)
+        self.vad.silence_ms = self.end_of_turn.window_ms(None)
+        self.emit(SpeechStarted(utterance.number, event.offset_ms))
+        if not self.batch:
+            self.recognizer.begin()  # type: ignore[union-attr]
+        for frame in event.preroll:
+            self._take(utterance, frame)
+
+    def _paused(self, event: SpeechPause) -> None:
+        utterance = self._current
+        if utterance is None or self._ignoring:
+            return
+        with self._lock:
+            utterance.rev += 1
+            utterance.paused_rev = utterance.rev
+            rev = utterance.rev
+            if self.batch:
+                # Latest wins: a queued decode of an older pause is no longer wanted.
+                self._jobs = [j for j in self._jobs if j[0] is not utterance]
+                self._jobs.append((utterance, rev, bytes(utterance.audio)))
+                self._wake.notify()
+            utterance.pause_offsets[rev] = event.offset_ms
+        if not self.batch:
+            text = self.recognizer.hypothesis()  # type: ignore[union-attr]
+            self._guessed(utterance, rev, Transcript(text))
+
+    def _resumed(self) -> None:
+        utterance = self._current
+        if utterance is None:
+            return
+        self.vad.silence_ms = self.end_of_turn.window_ms(None)
+        with self._lock:  # under the lock, so a Guess and its Revoked cannot cross between threads
+            rev, utterance.paused_rev = utterance.paused_rev, 0
+            if rev in utterance.guesses and utterance.guesses[rev].text.strip():
+                self.emit(Revoked(utterance.number, rev))
+
+    def _ended(self, event: SpeechEnd) -> None:
+        utterance = self._current
+        with self._lock:
+            self._current = None
+            ignoring, self._ignoring = self._ignoring, False
+        if utterance is None or ignoring:
+            return
+        ended = Ended(utterance.number, event.offset_ms, event.speech_ms, self.vad.silence_ms)
+        self.emit(ended)
+        if not self.batch:
+            self._finalize_streaming(utterance)
+            return
+        with self._lock:
+            utterance.ended = ended
+            rev = utterance.paused_rev
+            ready = utterance.guesses.get(rev) if rev else None
+            queued_or_running = rev and ready is None
+            if ready is None and not queued_or_running:
+                # No pause was decoded for this ending (no pause seen, or speech resumed): decode it all now.
+                utterance.rev += 1
+                rev = utterance.paused_rev = utterance.rev
+                self._jobs.append((utterance, rev, bytes(utterance.audio)))
+                self._wake.notify()
+        if ready is not None:
+            self._finalize(utterance, rev, ready, 0.0)
+
+    def _finalize_streaming(self, utterance: _Utterance) -> None:
+        started = time.perf_counter()
+        try:
+            result = self.recognizer.end()  # type: ignore[union-attr]
+        except VoicebusError as exc:
+            self.emit(NoMatch(utterance.number, f"error: {exc.code}: {exc}"))
+            return
+        self._finalize(utterance, 0, result, time.perf_counter() - started)
+
+    def _finalize(self, utterance: _Utterance, rev: int, result: Transcript, decode_s: float) -> None:
+        with self._lock:
+            if utterance.finalized:
+                return
+            utterance.finalized = True
+        text = result.text.strip()
+        if not text:
+            self.emit(NoMatch(utterance.number, "no speech recognized", guess=rev))
+        else:
+            self.emit(Final(utterance.number, text, result.confidence, rev, decode_s))
+
+    def _guessed(self, utterance: _Utterance, rev: int, result: Transcript, decode_s: float = 0.0) -> None:
+        """A guess is ready: publish it if its pause still lasts and let it set the silence window,
+        or make it the final if the utterance ended meanwhile."""
+        with self._lock:
+            utterance.guesses[rev] = result
+            current = utterance.paused_rev == rev
+            ended = current and utterance.ended is not None
+            if current and not ended:
+                self._window_wanted = self.end_of_turn.window_ms(result.text.strip())
+                if result.text.strip():
+                    offset = utterance.pause_offsets.get(rev, utterance.start_ms)
+                    self.emit(Guess(utterance.number, rev, result.text.strip(), offset))
+        if ended:
+            self._finalize(utterance, rev, result, decode_s)
+
+    # --- decode thread ------------------------------------------------------------------------
+
+    def _decode_loop(self) -> None:
+        while True:
+            with self._lock:
+                while not self._jobs and not self._closed:
+                    self._wake.wait()
+                if self._closed:
+                    return
+                utterance, rev, pcm = self._jobs.pop(0)
+                wanted = utterance.paused_rev == rev and not utterance.finalized
+                self._busy = wanted
+            if not wanted:
+                continue  # speech resumed before this decode started
+            try:
+                self._decode_job(utterance, rev, pcm)
+            finally:
+                with self._lock:
+                    self._busy = False
+                    self._wake.notify_all()
+
+    def _decode_job(self, utterance: _Utterance, rev: int, pcm: bytes) -> None:
+        started = time.perf_counter()
+        try:
+            result = self._transcribe(pcm)
+        except VoicebusError as exc:
+            with self._lock:
+                final = utterance.ended is not None and utterance.paused_rev == rev and not utterance.finalized
+                utterance.finalized |= final
+            if final:
+                self.emit(NoMatch(utterance.number, f"error: {exc.code}: {exc}"))
+            return
+        self._guessed(utterance, rev, result, time.perf_counter() - started)
+
+    def _transcribe(self, pcm: bytes) -> Transcript:
+        if len(pcm) < self._min_audio:
+            return Transcript("")
+        return self.recognizer.transcribe(pcm)  # type: ignore[union-attr]
+
+    def drain(self, timeout: float = 30.0) -> None:
+        """Wait until every ended utterance has its final (the end of an input)."""
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            while self._jobs or self._busy:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return
+                self._wake.wait(min(remaining, 0.05))
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            self._wake.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=5)

@@ -1,0 +1,74 @@
+"""How long a silence ends the user's turn, judged from the words said so far.
+
+A fixed window is wrong both ways: after "What is the capital of France?" every
+millisecond of waiting is latency, while after "Set a timer for…" a person is
+still choosing the number. So the listener asks, at each pause, for the window
+that fits the guess it has:
+
+* **incomplete** — the words end on one that cannot end an English request: an
+  article, preposition, conjunction, possessive, auxiliary, a filler ("um"), a
+  number that may go on ("twenty…"), or a trailing comma, dash or ellipsis.
+  Recognizers punctuate what they hear, so "What is the capital of." still ends
+  on "of". → the long window.
+* **complete** — a question mark, or a sentence end after a few words whose last
+  word could end it. → the short window.
+* anything else (no text yet, a single word, no punctuation) → the base window.
+
+Text rules miss prosody (a rising "and…?"), so the long window is generous and
+the short one is not zero: the cost of a wrong "complete" is an answer that
+starts before the person has finished, which is what the long window exists to
+prevent.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+CONTINUES = frozenset(
+    """a an the of for to in on at by with from about into onto than as like via per
+    and or but nor so because if that when while whereas although though unless until since
+    my your his her its our their this these those some any every each no which whose
+    is are was were be been being am can could would should will shall may might must
+    do does did have has had what how where who whom why whether
+    um uh er erm hmm uhm mm
+    please let me just
+    twenty thirty forty fifty sixty seventy eighty ninety hundred thousand million point""".split()
+)
+"""Words after which an English request goes on."""
+
+_WORD = re.compile(r"[a-z0-9']+")
+_TRAILING_OPEN = re.compile(r"(,|-|–|—|\.\.\.|…)\s*$")
+
+
+def completeness(text: str) -> str:
+    """``complete``, ``incomplete`` or ``unknown`` for the words heard so far."""
+    stripped = text.strip()
+    words = _WORD.findall(stripped.lower())
+    if not words:
+        return "unknown"
+    if _TRAILING_OPEN.search(stripped) or words[-1] in CONTINUES:
+        return "incomplete"
+    if stripped.endswith("?") or (stripped.endswith((".", "!")) and len(words) >= 2):
+        return "complete"
+    return "unknown"
+
+
+@dataclass(frozen=True)
+class EndOfTurn:
+    """The silence windows (ms) for each verdict; ``adaptive=False`` always uses ``base_ms``."""
+
+    base_ms: int = 500
+    complete_ms: int = 300
+    incomplete_ms: int = 1400
+    adaptive: bool = True
+
+    def window_ms(self, text: str | None) -> int:
+        if not self.adaptive or text is None:
+            return self.base_ms
+        verdict = completeness(text)
+        if verdict == "complete":
+            return min(self.complete_ms, self.base_ms)
+        if verdict == "incomplete":
+            return max(self.incomplete_ms, self.base_ms)
+        return self.base_ms
