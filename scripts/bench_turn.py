@@ -1,22 +1,28 @@
 """Benchmark a voice turn, stage by stage, through the real ``voicebus up``.
 
-    python scripts/bench_turn.py [--turns 5] [--quick] [--gap 7] [--skip-http]
+    python scripts/bench_turn.py [--turns 8] [--pauses 8] [--quick] [--configs before,after]
 
-Part 1, voice: synthesized questions (the embedded piper voice, each followed by
-``--gap`` seconds of silence) are played in real time into ``voicebus up --input
-Q.wav --output none`` with the embedded defaults, once per ASR backend
-(pocketsphinx, whisper), each with a fresh state dir. A bus client collects
-``metrics.turn`` and ``llm.done``; psutil samples the resident memory of every
-process under ``voicebus up``.
+Part 1, voice: questions spoken by several voices (the embedded piper voice and
+espeak-ng voices nobody tuned on), each followed by silence, and utterances with
+a hesitation in the middle ("Set a timer for … ten minutes."), are played in real
+time into ``voicebus up --input Q.wav --output none`` once per configuration, each
+with a fresh state dir:
 
-Part 2, chat over HTTP vs in process: the same questions as text (``ctl.ask``)
-into ``voicebus up --input none --output none``, once with ``--llm local`` and
-once with ``--llm openai`` against llama-cpp-python's OpenAI-compatible server
-on the same GGUF (1 thread, like the local backend's default on 2 cores).
+    before   the recognizer's final after a fixed 500 ms silence window, no speculation
+    after    the defaults: the window adapts to the words, the answer is prepared from
+             a guess during the silence (asr.guess / asr.revoke / asr.final guess=rev)
 
-Prints a table (stages as rows, configurations as columns, median / p90), then
-one JSON object with every figure on the last line of stdout. Progress goes to
-stderr. Every child process is stopped on any exit.
+A bus client collects every turn's messages; each turn is placed in the input by
+its ``vad.start`` offset, so an utterance heard as two turns is a *false cut-off*.
+psutil samples the resident memory of every process under ``voicebus up``.
+
+Part 2, chat over HTTP vs in process: questions as text (``ctl.ask``) into
+``voicebus up --input none --output none``, once with ``--llm local`` and once with
+``--llm openai`` against llama-cpp-python's OpenAI-compatible server on the same GGUF.
+
+Prints tables (stages as rows, configurations as columns, median / p90), then one
+JSON object with every figure on the last line of stdout. Progress goes to stderr.
+Every child process is stopped on any exit.
 """
 
 from __future__ import annotations
@@ -45,17 +51,35 @@ from voicebus.engine.client import BusClient
 from voicebus.engine.messages import Envelope, new_turn_id
 
 QUESTIONS = [
-    "What is the capital of France?",
-    "How many legs does a spider have?",
-    "Who wrote Romeo and Juliet?",
-    "What color is the sky on a clear day?",
-    "How many days are in a week?",
-    "What do bees make?",
-    "What is the boiling point of water?",
-    "Name a planet in our solar system.",
+    "How many minutes are in an hour?",
+    "Who was the first person to walk on the moon?",
+    "Which planet is closest to the sun?",
+    "How many wheels does a bicycle have?",
+    "What is the opposite of cold?",
+    "Where do penguins live?",
+    "What color are ripe bananas?",
+    "What do cows drink?",
 ]
+"""Not in the recognizer's tuning set (scripts/eval_data/tune.txt)."""
+PAUSED = [
+    ("Set a timer for", "ten minutes."),
+    ("What is the capital of", "Peru?"),
+    ("Remind me to buy", "milk and bread."),
+    ("How far is it from London to", "Paris?"),
+    ("Add eggs and", "butter to my list."),
+    ("Tell me the weather in", "Berlin tomorrow."),
+    ("Play some music by", "the Beatles."),
+    ("What is twenty", "times three?"),
+]
+"""Said with a hesitation where the first part cannot end a request."""
+VOICES = ["piper", "en-us+m2", "en-gb+f3", "en-gb-x-rp+m5", "en-us+f1", "en-us-nyc+m4"]
+"""piper is the embedded voice; the rest are espeak-ng voices outside the tuning set."""
 WARM_UP = "Hello there."
 """Said first and left out of the figures: the first turn of a fresh process pays one-off costs."""
+CONFIGS = {
+    "before": {"VOICEBUS_VAD_ADAPTIVE": "false", "VOICEBUS_VAD_SPECULATE": "false"},
+    "after": {},
+}
 
 WORKER_ROLES = ("listener", "thinker", "speaker")
 ROLES = ("bus", *WORKER_ROLES, "supervisor")
@@ -63,18 +87,13 @@ MB = 1024 * 1024
 
 # (key, label, how to get seconds from a metrics.turn timings dict)
 VOICE_STAGES: list[tuple[str, str, Callable[[dict], float | None]]] = [
-    ("vad_end_delay", "VAD end delay (speech end → vad.end)", lambda t: t.get("silence_s")),
+    ("speech_end_to_audio", "SPEECH END → FIRST AUDIO", lambda t: t.get("speech_end_to_audio_s")),
+    ("silence", "silence window (speech end → vad.end)", lambda t: t.get("silence_s")),
     ("asr", "ASR (vad.end → asr.final)", lambda t: t.get("asr_s")),
-    ("first_token", "first token (asr.final → token)", lambda t: t.get("first_token_s")),
+    ("final_to_audio", "asr.final → first audio", lambda t: t.get("final_to_audio_s")),
     ("first_sentence", "first sentence (asr.final → sentence)", lambda t: t.get("first_sentence_s")),
     ("first_audio", "first audio (sentence → audio)", lambda t: t.get("first_audio_s")),
-    ("total", "TOTAL vad.end → first audio", lambda t: t.get("total_s")),
-    ("speech_end_to_audio", "speech end → first audio (incl. silence)",
-     lambda t: _diff(t, "speech_end", "first_audio")),
-]
-LLM_STAGES: list[tuple[str, str, Callable[[dict], float | None]]] = [
-    ("llm_ttft", "llm ttft (thinker: request → token)", lambda t: t.get("ttft_s")),
-    ("llm_tokens_per_s", "llm tokens/s", lambda t: t.get("tokens_per_s")),
+    ("saved", "speculation saved", lambda t: t.get("speculation_saved_s")),
 ]
 TEXT_STAGES: list[tuple[str, str, Callable[[dict], float | None]]] = [
     ("ttft", "ttft (request → first token)", lambda t: t.get("ttft_s")),
@@ -315,23 +334,72 @@ class Up:
 # --- part 1: voice turns ------------------------------------------------------------------
 
 
-def synthesize_questions(path: Path, texts: list[str], *, lead_s: float, gap_s: float) -> float:
-    """Write the questions, each followed by ``gap_s`` of silence, to ``path``; return its length (s)."""
-    from voicebus.workers.audio import write_wav
-    from voicebus.workers.tts.piper import PiperSynthesizer
+RATE = 16000
 
-    voice = PiperSynthesizer()
+
+class Speech:
+    """Speaks texts with the embedded piper voice or an espeak-ng voice, as 16 kHz int16 PCM."""
+
+    def __init__(self) -> None:
+        from voicebus.workers.audio import Resampler
+        from voicebus.workers.tts.piper import PiperSynthesizer
+
+        self._piper = PiperSynthesizer()
+        self._resampler = Resampler(self._piper.sample_rate, RATE)
+
+    def say(self, text: str, voice: str) -> bytes:
+        if voice == "piper":
+            pcm = b"".join(self._resampler.process(c) for c in self._piper.synthesize(text)) + self._resampler.flush()
+            return pcm[: len(pcm) - len(pcm) % 2]
+        espeak = subprocess.run(["espeak-ng", "-v", voice, "-s", "160", "--stdout", text], capture_output=True, check=True)
+        sox = subprocess.run(["sox", "-V1", "-t", "wav", "-", "-r", str(RATE), "-b", "16", "-c", "1", "-t", "raw", "-"],
+                             input=espeak.stdout, capture_output=True, check=True)
+        return sox.stdout
+
+    def close(self) -> None:
+        self._piper.close()
+
+
+@dataclass
+class Utterance:
+    """One thing said in the input file, and where."""
+
+    text: str
+    voice: str
+    start_ms: int
+    end_ms: int
+    paused: bool = False
+    warm_up: bool = False
+
+
+def synthesize_input(path: Path, *, questions: list[str], paused: list[tuple[str, str]], gap_s: float,
+                     pause_ms: int) -> list[Utterance]:
+    """Write warm-up, questions and paused utterances (voices in turn) to ``path``; return where each is."""
+    from voicebus.workers.audio import write_wav
+
+    speech = Speech()
+    pcm = bytearray(RATE * 2)  # a second of silence first
+    said: list[Utterance] = []
+
+    def add(parts: list[bytes | int], text: str, voice: str, **flags: bool) -> None:
+        start = len(pcm) // 2 * 1000 // RATE
+        for part in parts:
+            pcm.extend(part if isinstance(part, bytes) else bytes(RATE * 2 * part // 1000))
+        said.append(Utterance(text, voice, start, len(pcm) // 2 * 1000 // RATE, **flags))
+        pcm.extend(bytes(int(RATE * gap_s) * 2))
+
     try:
-        rate = voice.sample_rate
-        parts = [bytes(int(rate * lead_s) * 2)]
-        for text in texts:
-            parts.extend(voice.synthesize(text))
-            parts.append(bytes(int(rate * gap_s) * 2))
+        add([speech.say(WARM_UP, "piper")], WARM_UP, "piper", warm_up=True)
+        for i, text in enumerate(questions):
+            voice = VOICES[i % len(VOICES)]
+            add([speech.say(text, voice)], text, voice)
+        for i, (first, second) in enumerate(paused):
+            voice = VOICES[(i + 1) % len(VOICES)]
+            add([speech.say(first, voice), pause_ms, speech.say(second, voice)], f"{first} {second}", voice, paused=True)
     finally:
-        voice.close()
-    pcm = b"".join(parts)
-    write_wav(path, pcm, rate)
-    return len(pcm) / 2 / rate
+        speech.close()
+    write_wav(path, bytes(pcm), RATE)
+    return said
 
 
 @dataclass
@@ -387,32 +455,27 @@ def error_text(env: Envelope) -> str | None:
     return None
 
 
-def run_voice(asr: str, wav: Path, workdir: Path, *, expected: int, timeout_s: float) -> Run:
-    """One ``voicebus up --input wav`` run; turns in the order they were heard."""
-    run = Run(f"voice-{asr}")
-    state = workdir / f"state-{asr}"
+def run_voice(label: str, env_extra: dict[str, str], wav: Path, said: list[Utterance], workdir: Path, *,
+              timeout_s: float) -> Run:
+    """One ``voicebus up --input wav`` run; every turn's messages, placed in the input by vad.start."""
+    run = Run(f"voice-{label}")
+    state = workdir / f"state-{label}"
     state.mkdir()
-    if asr == "whisper":
-        from voicebus.workers.asr.whisper_model import ensure_whisper_model
+    from voicebus.workers.asr.whisper_model import ensure_whisper_model
 
-        t0 = time.monotonic()
-        ensure_whisper_model(state / "models", progress=lambda s: log(f"whisper: {s}"))
-        log(f"whisper model ready in {time.monotonic() - t0:.1f} s (not timed)")
-    up = Up(workdir, run.label, ["--input", str(wav), "--output", "none", "--asr", asr], base_env(state))
+    ensure_whisper_model(state / "models", progress=lambda s: log(f"whisper: {s}"))  # one-time work: not timed
+    up = Up(workdir, run.label, ["--input", str(wav), "--output", "none"], base_env(state, **env_extra))
     started = time.monotonic()
     try:
-        client = up.connect("metrics.turn", "llm.done", "asr.final", "asr.nomatch", "sys.ready",
-                            "sys.heartbeat", "sys.error", "llm.error", "sup.gave_up")
+        client = up.connect("vad.start", "asr.", "llm.done", "metrics.turn", "sys.ready", "sys.heartbeat",
+                            "sys.error", "llm.error", "sup.gave_up")
         readiness = Readiness(WORKER_ROLES)
         by_turn: dict[int, dict] = {}
         ready_wall: float | None = None
-        order: list[int] = []
         deadline = started + timeout_s
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and up.proc.poll() is None:
             env = client.recv(timeout=0.5)
             if env is None:
-                if up.proc.poll() is not None:
-                    break
                 continue
             readiness.see(env)
             if readiness.all and run.ready_s is None:
@@ -425,42 +488,42 @@ def run_voice(asr: str, wav: Path, workdir: Path, *, expected: int, timeout_s: f
                 continue
             if env.turn == 0 or env.kind.startswith("sys."):
                 continue
-            rec = by_turn.get(env.turn)
-            if rec is None:
-                rec = by_turn[env.turn] = {"turn": env.turn}
-                order.append(env.turn)
-            if env.kind == "asr.final":
-                rec.setdefault("heard", env.body.text)
+            rec = by_turn.setdefault(env.turn, {"turn": env.turn, "guesses": 0, "revokes": 0,
+                                                "revoked_answers": 0, "wasted_tokens": 0})
+            body = env.body
+            if env.kind == "vad.start":
+                rec["start_ms"] = body.offset_ms
+            elif env.kind == "asr.guess":
+                rec["guesses"] += 1
+            elif env.kind == "asr.revoke":
+                rec["revokes"] += 1
+            elif env.kind == "asr.final":
+                rec.setdefault("heard", body.text)
+                rec.setdefault("confirmed_guess", body.guess)
             elif env.kind == "asr.nomatch":
-                rec["nomatch"] = env.body.reason
-            elif env.kind == "llm.done":
-                rec["llm"] = dict(env.body.timings)
-                rec["answer"] = env.body.text
-                rec["finish"] = env.body.finish_reason
+                rec["nomatch"] = body.reason
+            elif env.kind == "llm.done" and not body.replay:
+                if body.finish_reason == "revoked":
+                    rec["revoked_answers"] += 1
+                    rec["wasted_tokens"] += int(body.timings.get("tokens", 0))
+                else:
+                    rec["llm"] = dict(body.timings)
+                    rec["answer"] = body.text
+                    rec["finish"] = body.finish_reason
             elif env.kind == "metrics.turn" and "metrics" not in rec:
-                rec["metrics"] = dict(env.body.timings)
-                rec["outcome"] = env.body.outcome
+                rec["metrics"] = dict(body.timings)
+                rec["outcome"] = body.outcome
                 t = rec["metrics"]
-                # Spoken before every worker was up: it measured loading, not a turn.
                 rec["cold"] = ready_wall is None or t.get("speech_end", t.get("vad_end", 0)) < ready_wall
                 done = sum(1 for r in by_turn.values() if "metrics" in r)
-                log(f"{run.label}: turn {done}/{expected} heard {rec.get('heard', '?')!r}: "
-                    f"vad.end → first audio {fmt_s(t.get('total_s'))} "
-                    f"(ASR {fmt_s(t.get('asr_s'))}, first sentence {fmt_s(t.get('first_sentence_s'))}, "
-                    f"first audio {fmt_s(t.get('first_audio_s'))}) [{rec['outcome']}"
-                    f"{', before every worker was ready: left out' if rec['cold'] else ''}]")
-                if done >= expected:
-                    break
-        else:
-            run.errors.append(f"timed out after {timeout_s:.0f} s")
-            log(f"{run.label}: timed out after {timeout_s:.0f} s")
+                log(f"{run.label}: turn {done} heard {rec.get('heard', '?')!r}: speech end → first audio "
+                    f"{fmt_s(t.get('speech_end_to_audio_s'))} (window {fmt_s(t.get('silence_s'))}, "
+                    f"ASR {fmt_s(t.get('asr_s'))}, final → audio {fmt_s(t.get('final_to_audio_s'))}, "
+                    f"saved {fmt_s(t.get('speculation_saved_s'))}) [{rec['outcome']}]")
         if up.proc.poll() is None:
-            try:
-                up.proc.wait(timeout=20)  # it shuts itself down once the last answer is spoken
-            except subprocess.TimeoutExpired:
-                run.errors.append("voicebus up did not shut down by itself 20 s after the last answer")
+            run.errors.append(f"not finished within {timeout_s:.0f} s")
         run.exit_code = up.proc.poll()
-        run.turns = [by_turn[t] for t in order]
+        run.turns = sorted(by_turn.values(), key=lambda r: r.get("start_ms", 1 << 62))
     finally:
         up.stop()
         run.memory = up.sampler.report()
@@ -468,7 +531,73 @@ def run_voice(asr: str, wav: Path, workdir: Path, *, expected: int, timeout_s: f
     if run.exit_code not in (0, None):
         run.errors.append(f"voicebus up exited with {run.exit_code}")
         log(f"{run.label}: voicebus up exited with {run.exit_code}; log tail:\n{up.tail()}")
+    place(run.turns, said)
     return run
+
+
+def place(turns: list[dict], said: list[Utterance]) -> None:
+    """Tag each turn with the utterance it began in (by input time); a turn in no utterance is noise."""
+    for rec in turns:
+        start = rec.get("start_ms")
+        for i, utterance in enumerate(said):
+            # The VAD's start can lead the audio by its hangover-free estimate; allow 300 ms either side.
+            if start is not None and utterance.start_ms - 300 <= start <= utterance.end_ms + 300:
+                rec["utterance"] = i
+                break
+
+
+def voice_figures(run: Run, said: list[Utterance]) -> dict:
+    """What a voice run measured: stage latencies, false cut-offs, guesses and their cost, what was heard."""
+    by_utterance: dict[int, list[dict]] = {}
+    for rec in run.turns:
+        if "utterance" in rec:
+            by_utterance.setdefault(rec["utterance"], []).append(rec)
+    measured_turns = [r for r in run.turns if "metrics" in r and not r.get("cold") and "utterance" in r
+                      and not said[r["utterance"]].warm_up]
+    questions = [r for r in measured_turns if not said[r["utterance"]].paused]
+    paused_idx = [i for i, u in enumerate(said) if u.paused]
+    cut = [i for i in paused_idx if len(by_utterance.get(i, [])) > 1]
+    missed = [i for i, u in enumerate(said) if not u.warm_up and i not in by_utterance]
+    heard = {said[i].text: " | ".join(r.get("heard", "∅") for r in recs) for i, recs in sorted(by_utterance.items())}
+    return {
+        "stages": stage_figures(measured_turns, VOICE_STAGES, "metrics"),
+        "stages_questions": stage_figures(questions, VOICE_STAGES, "metrics"),
+        "answered": len(measured_turns),
+        "false_cutoffs": len(cut),
+        "paused_utterances": len(paused_idx),
+        "false_cutoff_texts": [said[i].text for i in cut],
+        "not_heard": [said[i].text for i in missed],
+        "noise_turns": sum(1 for r in run.turns if "utterance" not in r),
+        "guesses": sum(r["guesses"] for r in run.turns),
+        "confirmed_guesses": sum(1 for r in run.turns if r.get("confirmed_guess")),
+        "revokes": sum(r["revokes"] for r in run.turns),
+        "revoked_answers": sum(r["revoked_answers"] for r in run.turns),
+        "wasted_tokens": sum(r["wasted_tokens"] for r in run.turns),
+        "word_accuracy": word_accuracy(said, by_utterance),
+        "heard": heard,
+        "memory_mb": run.memory,
+        "ready_s": run.ready_s,
+        "cpu_cores": run.cpu,
+        "errors": run.errors,
+        "exit_code": run.exit_code,
+    }
+
+
+def word_accuracy(said: list[Utterance], by_utterance: dict[int, list[dict]]) -> float | None:
+    """1 − WER over everything said (all turns of an utterance joined), or None without jiwer."""
+    try:
+        import jiwer
+        from whisper_normalizer.english import EnglishTextNormalizer
+    except ImportError:
+        return None
+    norm = EnglishTextNormalizer()
+    refs, hyps = [], []
+    for i, utterance in enumerate(said):
+        if utterance.warm_up:
+            continue
+        refs.append(norm(utterance.text) or "-")
+        hyps.append(norm(" ".join(r.get("heard", "") for r in by_utterance.get(i, []))) or "-")
+    return round(max(0.0, 1 - jiwer.wer(refs, hyps)), 3)
 
 
 # --- part 2: text turns, HTTP vs in process ---------------------------------------------------
@@ -652,27 +781,26 @@ def table(title: str, columns: list[str], rows: list[tuple[str, list[str]]]) -> 
     return "\n".join(lines)
 
 
-def measured(run: Run) -> list[dict]:
-    """The turns that count: answered, not the warm-up."""
-    return [r for r in run.turns if not r.get("warm_up") and not r.get("cold") and "metrics" in r]
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--turns", type=int, default=5, help="questions per configuration (default 5)")
-    parser.add_argument("--quick", action="store_true", help="2 turns per configuration")
-    parser.add_argument("--gap", type=float, default=7.0, help="seconds of silence after each spoken question")
-    parser.add_argument("--asr", default="pocketsphinx,whisper", help="ASR backends to compare (comma separated)")
+    parser.add_argument("--turns", type=int, default=8, help="plain questions per configuration (default 8)")
+    parser.add_argument("--pauses", type=int, default=8, help="utterances with a hesitation inside (default 8)")
+    parser.add_argument("--quick", action="store_true", help="3 questions and 3 paused utterances")
+    parser.add_argument("--gap", type=float, default=6.0, help="seconds of silence after each utterance")
+    parser.add_argument("--pause-ms", type=int, default=800, help="the hesitation inside a paused utterance")
+    parser.add_argument("--configs", default="before,after", help=f"voice configurations: {', '.join(CONFIGS)}")
     parser.add_argument("--skip-http", action="store_true", help="leave out part 2 (chat over HTTP vs in process)")
-    parser.add_argument("--no-warm-up", dest="warm_up", action="store_false",
-                        help=f"do not open each run with {WARM_UP!r} (left out of the figures)")
     parser.add_argument("--keep", action="store_true", help="keep the work folder (logs, WAV, state)")
     args = parser.parse_args()
-    n = 2 if args.quick else args.turns
-    if n < 1:
-        parser.error("--turns must be at least 1")
-    questions = [QUESTIONS[i % len(QUESTIONS)] for i in range(n)]
-    asrs = [a.strip() for a in args.asr.split(",") if a.strip()]
+    n_questions, n_paused = (3, 3) if args.quick else (args.turns, args.pauses)
+    if n_questions < 1 or n_paused < 0:
+        parser.error("--turns must be at least 1 and --pauses at least 0")
+    questions = [QUESTIONS[i % len(QUESTIONS)] for i in range(n_questions)]
+    paused = [PAUSED[i % len(PAUSED)] for i in range(n_paused)]
+    configs = [c.strip() for c in args.configs.split(",") if c.strip()]
+    unknown = [c for c in configs if c not in CONFIGS]
+    if unknown:
+        parser.error(f"unknown configuration(s) {', '.join(unknown)}; choose from {', '.join(CONFIGS)}")
 
     def on_signal(signum: int, frame: object) -> None:
         # Once: the clean-up that follows (bounded waits) must not be cut short by a second signal.
@@ -691,20 +819,19 @@ def main() -> int:
     http_failure: str | None = None
     server: LlamaServer | None = None
     interrupted = False
+    said: list[Utterance] = []
     try:
-        wav = workdir / "questions.wav"
-        spoken = ([WARM_UP] if args.warm_up else []) + questions
-        length = synthesize_questions(wav, spoken, lead_s=1.0, gap_s=args.gap)
-        log(f"synthesized {len(spoken)} questions: {length:.1f} s of audio, played in real time")
-        for asr in asrs:
-            log(f"voice run with --asr {asr}…")
-            run = run_voice(asr, wav, workdir, expected=len(spoken), timeout_s=length + 90)
-            for i, rec in enumerate(run.turns):
-                rec["warm_up"] = args.warm_up and i == 0 and "metrics" in rec
-            voice_runs[asr] = run
+        wav = workdir / "input.wav"
+        said = synthesize_input(wav, questions=questions, paused=paused, gap_s=args.gap, pause_ms=args.pause_ms)
+        length = said[-1].end_ms / 1000 + args.gap
+        log(f"synthesized {len(said)} utterances ({len(paused)} with a {args.pause_ms} ms hesitation), "
+            f"{length:.0f} s of audio, played in real time")
+        for config in configs:
+            log(f"voice run '{config}'…")
+            voice_runs[config] = run_voice(config, CONFIGS[config], wav, said, workdir, timeout_s=length + 120)
         if not args.skip_http:
             log("text run with --llm local…")
-            text_runs["local"] = run_text("local", questions, workdir, warm_up=args.warm_up, server=None,
+            text_runs["local"] = run_text("local", questions, workdir, warm_up=True, server=None,
                                           timeout_s=60 + 30 * len(questions))
             log("starting llama_cpp.server…")
             try:
@@ -713,7 +840,7 @@ def main() -> int:
                 log(f"llama_cpp.server ready in {time.monotonic() - t0:.1f} s on {server.base_url} "
                     f"(model {server.model!r})")
                 log("text run with --llm openai…")
-                text_runs["openai"] = run_text("openai", questions, workdir, warm_up=args.warm_up, server=server,
+                text_runs["openai"] = run_text("openai", questions, workdir, warm_up=True, server=server,
                                                timeout_s=60 + 30 * len(questions))
             except RuntimeError as exc:
                 http_failure = str(exc)
@@ -727,34 +854,17 @@ def main() -> int:
         if args.keep:
             log(f"kept {workdir}")
         else:
-            import shutil
-
             shutil.rmtree(workdir, ignore_errors=True)
 
     if interrupted:
         return 130
     # ---- figures -----------------------------------------------------------------------------
-    result: dict = {"turns": n, "gap_s": args.gap, "questions": questions, "voice": {}, "text": {},
+    result: dict = {"questions": questions, "paused": [" … ".join(p) for p in paused], "voices": VOICES,
+                    "gap_s": args.gap, "pause_ms": args.pause_ms, "voice": {}, "text": {},
                     "wall_s": round(time.monotonic() - t_start, 1),
                     "loadavg_start": load_start, "loadavg_end": [round(x, 2) for x in os.getloadavg()]}
-    for asr, run in voice_runs.items():
-        turns = measured(run)
-        stages = stage_figures(turns, VOICE_STAGES, "metrics")
-        stages.update(stage_figures(turns, LLM_STAGES, "llm"))
-        result["voice"][asr] = {
-            "stages": stages,
-            "memory_mb": run.memory,
-            "ready_s": run.ready_s,
-            "cpu_cores": run.cpu,
-            "answered": len(turns),
-            "outcomes": [r.get("outcome") for r in turns],
-            "left_out_cold": sum(1 for r in run.turns if r.get("cold") and not r.get("warm_up")),
-            "heard": [r.get("heard") for r in run.turns if not r.get("warm_up")],
-            "answers": [r.get("answer") for r in turns],
-            "errors": run.errors,
-            "exit_code": run.exit_code,
-            "per_turn": [{k: _round(get(r["metrics"])) for k, _l, get in VOICE_STAGES} for r in turns],
-        }
+    for config, run in voice_runs.items():
+        result["voice"][config] = voice_figures(run, said)
     for backend, run in text_runs.items():
         turns = [r for r in run.turns if not r.get("warm_up") and "llm" in r]
         result["text"][backend] = {
@@ -770,33 +880,44 @@ def main() -> int:
         }
     if http_failure:
         result["text"]["openai"] = {"failed": http_failure}
-    ps = result["voice"].get("pocketsphinx")
-    if ps:
-        total = ps["stages"]["total"]["median"]
-        rss = ps["memory_mb"].get("total_rss")
+    after = result["voice"].get("after")
+    if after:
+        median = after["stages"]["speech_end_to_audio"]["median"]
+        p90 = after["stages"]["speech_end_to_audio"]["p90"]
+        rss = after["memory_mb"].get("total_rss")
         result["aims"] = {
-            "pocketsphinx_total_median_le_0.8s": None if total is None else total <= 0.8,
-            "pocketsphinx_total_rss_lt_1536mb": None if rss is None else rss < 1536,
+            "speech_end_to_audio_median_le_0.7s": None if median is None else median <= 0.7,
+            "speech_end_to_audio_p90_le_0.9s": None if p90 is None else p90 <= 0.9,
+            "false_cutoffs_le_5pct": (after["false_cutoffs"] <= 0.05 * after["paused_utterances"]
+                                      if after["paused_utterances"] else None),
+            "total_rss_lt_1536mb": None if rss is None else rss < 1536,
         }
 
-    # ---- table -----------------------------------------------------------------------------
+    # ---- tables ------------------------------------------------------------------------------
     out = []
     if voice_runs:
-        cols = [f"{asr} (n={result['voice'][asr]['answered']})" for asr in voice_runs]
-        rows = []
-        for key, label, _ in VOICE_STAGES + LLM_STAGES:
-            rows.append((label, [cell(result["voice"][a]["stages"][key], rate=key == "llm_tokens_per_s")
-                                 for a in voice_runs]))
+        v = result["voice"]
+        cols = [f"{c} (n={v[c]['answered']})" for c in voice_runs]
+        rows = [(label, [cell(v[c]["stages"][key]) for c in voice_runs]) for key, label, _ in VOICE_STAGES]
+        rows.append(("  the same, plain questions only", [cell(v[c]["stages_questions"]["speech_end_to_audio"])
+                                                          for c in voice_runs]))
+        rows.append(("false cut-offs (paused utterances)", [f"{v[c]['false_cutoffs']} / {v[c]['paused_utterances']}"
+                                                             for c in voice_runs]))
+        rows.append(("guesses: published / confirmed / revoked", [
+            f"{v[c]['guesses']} / {v[c]['confirmed_guesses']} / {v[c]['revokes']}" for c in voice_runs]))
+        rows.append(("answers to revoked guesses (LLM tokens)", [
+            f"{v[c]['revoked_answers']} ({v[c]['wasted_tokens']})" for c in voice_runs]))
+        rows.append(("word accuracy (all utterances)", [
+            "–" if v[c]["word_accuracy"] is None else f"{v[c]['word_accuracy']:.2f}" for c in voice_runs]))
+        rows.append(("utterances not heard / noise turns", [f"{len(v[c]['not_heard'])} / {v[c]['noise_turns']}"
+                                                            for c in voice_runs]))
         out.append(table("voice turn, median / p90 (ms)", cols, rows))
-        roles = [r for r in ROLES if any(r in result["voice"][a]["memory_mb"] for a in voice_runs)]
-        mem_rows = [(f"max RSS {r}", [mb(result["voice"][a]["memory_mb"].get(r)) for a in voice_runs])
-                    for r in roles]
-        mem_rows.append(("peak total RSS (all processes)", [f"{result['voice'][a]['memory_mb']['total_rss']:.0f}"
-                                                             for a in voice_runs]))
-        mem_rows.append(("peak total PSS (shared pages once)",
-                         [f"{result['voice'][a]['memory_mb']['total_pss']:.0f}" for a in voice_runs]))
-        mem_rows.append(("CPU cores busy: ours / others'", [cpu_cell(result["voice"][a]["cpu_cores"])
-                                                            for a in voice_runs]))
+        roles = [r for r in ROLES if any(r in v[c]["memory_mb"] for c in voice_runs)]
+        mem_rows = [(f"max RSS {r}", [mb(v[c]["memory_mb"].get(r)) for c in voice_runs]) for r in roles]
+        mem_rows.append(("peak total RSS (all processes)", [mb(v[c]["memory_mb"].get("total_rss")) for c in voice_runs]))
+        mem_rows.append(("peak total PSS (shared pages once)", [mb(v[c]["memory_mb"].get("total_pss"))
+                                                                 for c in voice_runs]))
+        mem_rows.append(("CPU cores busy: ours / others'", [cpu_cell(v[c]["cpu_cores"]) for c in voice_runs]))
         out.append(table("resident memory (MB)", cols, mem_rows))
     if text_runs or http_failure:
         backends = list(text_runs)
@@ -804,22 +925,17 @@ def main() -> int:
                 for b in backends]
         rows = [(label, [cell(result["text"][b]["stages"][key], rate=key == "tokens_per_s") for b in backends])
                 for key, label, _ in TEXT_STAGES]
-        extra_roles = [r for r in ("thinker", "speaker", "llama-server")
-                       if any(r in result["text"][b]["memory_mb"] for b in backends)]
-        rows += [(f"max RSS {r} (MB)", [mb(result["text"][b]["memory_mb"].get(r)) for b in backends])
-                 for r in extra_roles]
-        rows.append(("peak total RSS (MB)", [f"{result['text'][b]['memory_mb']['total_rss']:.0f}" for b in backends]))
-        rows.append(("CPU cores busy: ours / others'", [cpu_cell(result["text"][b]["cpu_cores"]) for b in backends]))
+        rows.append(("peak total RSS (MB)", [mb(result["text"][b]["memory_mb"].get("total_rss")) for b in backends]))
         if backends:
             out.append(table("text turn (ctl.ask), median / p90 (ms)", cols, rows))
         if http_failure:
             out.append(f"openai backend FAILED: {http_failure.splitlines()[0]}")
-    problems = [f"{k}: {e}" for k, v in {**{f'voice-{a}': r for a, r in voice_runs.items()},
-                                        **{f'text-{b}': r for b, r in text_runs.items()}}.items() for e in v.errors]
+    problems = [f"voice-{c}: {e}" for c in voice_runs for e in result["voice"][c]["errors"]]
+    problems += [f"text-{b}: {e}" for b, r in text_runs.items() for e in r.errors]
     if problems:
         out.append("problems:\n  " + "\n  ".join(problems[:20]))
     print("\n\n".join(out), flush=True)
-    print(json.dumps(result, separators=(",", ":")), flush=True)
+    print(json.dumps(result, separators=(",", ":"), ensure_ascii=False), flush=True)
     return 0 if not problems and not http_failure else 1
 
 

@@ -116,6 +116,14 @@ def test_words_that_end_mid_phrase_lengthen_the_window(say):
     assert len(of(adaptive, Ended)) == 1 and of(adaptive, Final)[0].text == "What is the capital of Peru?"
 
 
+def test_a_slow_recognizer_does_not_cut_a_hesitation_short(say):
+    """On a busy machine the words of a pause can take longer than the base window: the turn waits for them."""
+    pcm = silence(500) + say("Set a timer for") + silence(800) + say("ten minutes.") + silence(2500)
+    recognizer = Scripted(["Set a timer for", "Set a timer for ten minutes."], decode_s=0.9)
+    events = run(recognizer, pcm, base_ms=500)
+    assert len(of(events, Ended)) == 1 and of(events, Final)[0].text == "Set a timer for ten minutes."
+
+
 def test_nothing_recognized_is_a_no_match(say):
     events = run(Scripted([""]), silence(300) + say("Hmm.") + silence(1500), realtime=False)
     assert [type(e) for e in of(events, NoMatch)] == [NoMatch] and not of(events, Final)

@@ -41,6 +41,8 @@ class VadSettings:
     """the window after a complete question or command"""
     incomplete_ms: int = 1400
     """the window when the words so far end mid-phrase ("set a timer for…")"""
+    undecided_ms: int = 1500
+    """the longest a pause waits for the recognizer's words before silence alone ends the turn"""
     speculate: bool = True
     """publish a tentative transcript at each pause (asr.guess): the thinker and speaker prepare the answer
     while the silence window runs, and nothing of it is heard or remembered unless the final confirms it"""

@@ -22,6 +22,9 @@ waits). Only when no guess is ready at the end is the final awaited.
 
 The silence window that ends an utterance adapts to what was said (see
 ``turn_end``): short after a complete question, long after "set a timer for".
+While the decode of a pause is running, the window is the undecided one: the
+turn ends when the words say it may, never on a race between the recognizer
+and a timer.
 """
 
 from __future__ import annotations
@@ -241,7 +244,9 @@ class Hearing:
                 self._jobs.append((utterance, rev, bytes(utterance.audio)))
                 self._wake.notify()
             utterance.pause_offsets[rev] = event.offset_ms
-        if not self.batch:
+        if self.batch:
+            self.vad.silence_ms = self.end_of_turn.waiting_ms()  # until the guess says how long to wait
+        else:
             text = self.recognizer.hypothesis()  # type: ignore[union-attr]
             self._guessed(utterance, rev, Transcript(text))
 

@@ -98,7 +98,8 @@ class Listener(Actor):
             aggressiveness=vad.aggressiveness, preroll_ms=vad.preroll_ms, silence_ms=vad.silence_ms,
             min_speech_ms=vad.min_speech_ms,
         )
-        end_of_turn = EndOfTurn(vad.silence_ms, vad.complete_ms, vad.incomplete_ms, adaptive=vad.adaptive)
+        end_of_turn = EndOfTurn(vad.silence_ms, vad.complete_ms, vad.incomplete_ms, adaptive=vad.adaptive,
+                                undecided_ms=vad.undecided_ms)
         self.hearing = Hearing(recognizer, endpointer, self._heard, end_of_turn=end_of_turn)
         self._recognizer = recognizer
         self._thread = threading.Thread(target=self._listen, name="listener-audio", daemon=True)

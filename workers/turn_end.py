@@ -12,7 +12,11 @@ that fits the guess it has:
   on "of". → the long window.
 * **complete** — a question mark, or a sentence end after a few words whose last
   word could end it. → the short window.
-* anything else (no text yet, a single word, no punctuation) → the base window.
+* anything else (a single word, no punctuation) → the base window.
+* no words yet — the recognizer is still reading the pause — → *undecided*: the
+  turn does not end on silence alone (up to ``undecided_ms``), because a
+  decision without the words would cut off "set a timer for…" whenever the
+  recognizer is slower than the base window (as it is on a busy machine).
 
 Text rules miss prosody (a rising "and…?"), so the long window is generous and
 the short one is not zero: the cost of a wrong "complete" is an answer that
@@ -62,8 +66,11 @@ class EndOfTurn:
     complete_ms: int = 300
     incomplete_ms: int = 1400
     adaptive: bool = True
+    undecided_ms: int = 1500
+    """the window while the words of a pause are not known yet"""
 
     def window_ms(self, text: str | None) -> int:
+        """The window for the words heard so far (None: no words, e.g. speech going on)."""
         if not self.adaptive or text is None:
             return self.base_ms
         verdict = completeness(text)
@@ -72,3 +79,7 @@ class EndOfTurn:
         if verdict == "incomplete":
             return max(self.incomplete_ms, self.base_ms)
         return self.base_ms
+
+    def waiting_ms(self) -> int:
+        """The window while the recognizer reads a pause (adaptive only: else the base window)."""
+        return max(self.undecided_ms, self.base_ms) if self.adaptive else self.base_ms
