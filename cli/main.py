@@ -6,7 +6,7 @@ import logging
 
 import click
 
-from voicebus.cli import bus_cmd, doctor, keys, talk, tap, up, worker
+from voicebus.cli import bus_cmd, doctor, keys, record, replay, show, talk, tap, up, worker
 from voicebus.cli.common import VoicebusGroup
 from voicebus.engine import __version__
 
@@ -16,11 +16,13 @@ from voicebus.engine import __version__
 def cli() -> None:
     """A streaming voice assistant: listener, thinker and speaker on a ZeroMQ bus.
 
-    Start everything with 'voicebus up'; watch the conversation with 'voicebus tap'.
+    Start everything with 'voicebus up'; watch the conversation with 'voicebus tap'; record it with
+    'voicebus record' (or 'up --record'), read it with 'voicebus show', re-run it with 'voicebus replay'.
     """
 
 
-for command in (up.up, worker.worker, bus_cmd.bus, tap.tap, keys.keys, talk.ask, talk.say, doctor.doctor):
+for command in (up.up, worker.worker, bus_cmd.bus, tap.tap, record.record, show.show, replay.replay, keys.keys,
+                talk.ask, talk.say, doctor.doctor):
     cli.add_command(command)
 
 

@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
+from pathlib import Path
+
 import click
 
 from voicebus.cli.common import SettingsSource, bus_options, make_client
 from voicebus.cli.console import WATCH, ConsoleView
+from voicebus.cli.record import SessionRecorder
+from voicebus.engine.client import BusClient
 from voicebus.engine.settings import to_env
 from voicebus.engine.spawner import WorkerSpec
 from voicebus.engine.supervisor import Supervisor
@@ -42,10 +47,12 @@ def parse_only(ctx: click.Context, param: click.Parameter, value: str | None) ->
               help="Supervise only these workers (e.g. --only speaker on a second host, with --bus).")
 @click.option("--start-bus/--join-bus", default=None,
               help="Start the bus here, or join a running one at --bus. Default: start it unless --only is given.")
+@click.option("--record", "record_path", type=click.Path(dir_okay=False, path_type=Path), metavar="FILE",
+              help="Record the whole session, your voice included, to FILE (see 'voicebus show', 'voicebus replay').")
 @bus_options
 def up(input_: str | None, output: str | None, fast: bool | None, asr: str | None, llm: str | None,
        tts: str | None, barge_in: bool | None, only: tuple[str, ...], start_bus: bool | None,
-       source: SettingsSource) -> None:
+       record_path: Path | None, source: SettingsSource) -> None:
     """Run the voice loop: bus, listener, thinker and speaker, restarted on failure.
 
     \b
@@ -60,21 +67,37 @@ def up(input_: str | None, output: str | None, fast: bool | None, asr: str | Non
         audio__input=input_, audio__output=output, audio__fast=fast, asr__backend=asr, llm__backend=llm,
         tts__backend=tts, vad__barge_in=barge_in,
     )
+    if record_path is not None and settings.audio.input.strip().lower() != "bus":
+        # The recording needs the user's voice; from the bus (a replay, a remote mic) it is there already.
+        settings = replace(settings, audio=replace(settings.audio, publish_audio=True))
     preflight(settings, only)
     if start_bus is None:
         start_bus = set(only) == set(WORKERS)
     env = to_env(settings)
+    recorder = SessionRecorder(settings, record_path) if record_path else None
+
+    def client_factory() -> BusClient:
+        # The supervisor connects once the bus runs and starts the workers right after:
+        # the recorder proves its own subscription first, so it misses nothing of theirs.
+        if recorder is not None:
+            recorder.start()
+        return make_client(settings, "supervisor")
+
     view = ConsoleView()
     supervisor = Supervisor(
-        client_factory=lambda: make_client(settings, "supervisor"),
+        client_factory=client_factory,
         workers=[WorkerSpec(name, worker_argv("worker", name), env) for name in only],
         bus=WorkerSpec("bus", worker_argv("bus"), env, heartbeats=False) if start_bus else None,
         settings=settings.supervisor,
         view=view,
         watch=WATCH,
     )
-    code = supervisor.run()
-    view.close()
+    try:
+        code = supervisor.run()
+    finally:
+        view.close()
+        if recorder is not None:
+            recorder.stop()
     if code:
         click.echo(f"voicebus: {supervisor.failure}", err=True)
     sys.exit(code)

@@ -84,7 +84,7 @@ class AudioSink(Protocol):
     ) -> None: ...
 
 
-SOURCE_FORMS = "'mic', 'mic:DEVICE', 'none' or a path to an audio file (.wav, .flac, .ogg, .opus, .mp3, …)"
+SOURCE_FORMS = "'mic', 'mic:DEVICE', 'bus', 'none' or a path to an audio file (.wav, .flac, .ogg, .opus, .mp3, …)"
 SINK_FORMS = "'speaker', 'speaker:DEVICE', 'none' or a path to a .wav file"
 
 
@@ -109,6 +109,10 @@ def open_source(spec: str, *, realtime: bool, start_ms: int = 0) -> AudioSource 
     spec = spec.strip()
     if spec.lower() == "none":
         return None
+    if spec.lower() == "bus":  # audio.in from another process on the bus (a remote mic, voicebus replay)
+        from .bus_source import BusSource
+
+        return BusSource.from_environment()
     is_mic, device = _device_spec(spec, "mic")
     if is_mic:
         return MicSource(device)
