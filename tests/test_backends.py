@@ -33,11 +33,14 @@ def test_embedded_defaults_open(settings):
 
 
 def test_settings_reach_the_backends(settings):
-    chat = backends.open_chat(with_(settings, "llm", context_tokens=512, temperature=0.0))
+    chat = backends.open_chat(with_(settings, "llm", context_tokens=512, temperature=0.0, seed=7))
     try:
-        assert chat.context_tokens == 512 and chat.sampling.temperature == 0.0
+        assert chat.context_tokens == 512 and chat.sampling.temperature == 0.0 and chat.seed == 7
     finally:
         chat.close()
+    chat = backends.open_chat(with_(settings, "llm", backend="openai", base_url="http://127.0.0.1:9/v1", model="m"))
+    assert chat.seed is None  # -1: a new seed each time
+    chat.close()
     with pytest.raises(ConfigError, match="fr-FR"):
         backends.open_recognizer(with_(settings, "asr", backend="pocketsphinx", language="fr-FR"))
     with pytest.raises(ConfigError, match="xx-XX"):

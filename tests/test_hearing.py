@@ -91,7 +91,7 @@ def test_a_decode_slower_than_the_window_finishes_after_it(say):
     question = say("What is the capital of France?")
     events = run(Scripted(["Hello there"], decode_s=0.8), silence(500) + question + silence(2000), base_ms=400,
                  adaptive=False)
-    [ended], [final] = of(events, Ended), of(events, Final)
+    [start], [ended], [final] = of(events, SpeechStarted), of(events, Ended), of(events, Final)
     at = {type(e): t for t, e in events}
     assert 0.2 < at[Final] - at[Ended] < 0.9
     assert final.guess >= 1 and not of(events, Guess)  # it ended before the guess was ready: no guess went out
@@ -114,6 +114,16 @@ def test_words_that_end_mid_phrase_lengthen_the_window(say):
     adaptive = run(Scripted(["What is the capital of", "What is the capital of Peru?"]), pcm, base_ms=500)
     assert len(of(fixed, Ended)) == 2  # a fixed 500 ms window cuts the person off
     assert len(of(adaptive, Ended)) == 1 and of(adaptive, Final)[0].text == "What is the capital of Peru?"
+
+
+def test_the_end_of_speech_is_where_the_silence_began_however_long_the_wait(say):
+    question = say("What is the capital of France?")
+    events = run(Scripted(["What is the capital of France?"], decode_s=0.9), silence(500) + question + silence(2500))
+    [start], [ended] = of(events, SpeechStarted), of(events, Ended)
+    samples = np.frombuffer(question, dtype="<i2")
+    true_end_ms = 500 + (np.nonzero(np.abs(samples) > 327)[0][-1] + 1) * 1000 // RATE  # last sound above -40 dBFS
+    assert abs(ended.offset_ms - true_end_ms) <= 120, (ended, true_end_ms)  # not where the short window began
+    assert ended.speech_ms == ended.offset_ms - start.offset_ms
 
 
 def test_a_slow_recognizer_does_not_cut_a_hesitation_short(say):

@@ -56,19 +56,20 @@ def open_recognizer(settings: Settings, progress: Progress | None = None) -> Rec
 
 def open_chat(settings: Settings) -> ChatBackend:
     llm = settings.llm
+    seed = llm.seed if llm.seed >= 0 else None
     if llm.backend == "local":
         from voicebus.workers.llm.local import LocalChat, Sampling
 
         return LocalChat(
             llm.model_path or None, context_tokens=llm.context_tokens, threads=llm.threads or None,
-            sampling=Sampling(temperature=llm.temperature), repack=llm.repack,
+            sampling=Sampling(temperature=llm.temperature), repack=llm.repack, seed=seed,
         )
     if llm.backend == "openai":
         from voicebus.workers.llm.openai_chat import OpenAIChat
 
         return OpenAIChat(
             base_url=llm.base_url or None, api_key=llm.api_key or None, model=llm.model,
-            timeout_s=llm.timeout_s, context_tokens=llm.context_tokens, temperature=llm.temperature,
+            timeout_s=llm.timeout_s, context_tokens=llm.context_tokens, temperature=llm.temperature, seed=seed,
         )
     if llm.backend == "azure":
         from voicebus.workers.llm.openai_chat import AzureOpenAIChat
@@ -76,7 +77,7 @@ def open_chat(settings: Settings) -> ChatBackend:
         return AzureOpenAIChat(
             endpoint=llm.azure_endpoint or None, deployment=llm.azure_deployment or None,
             api_version=llm.azure_api_version, api_key=llm.azure_api_key or None, timeout_s=llm.timeout_s,
-            temperature=llm.temperature,
+            temperature=llm.temperature, seed=seed,
         )
     raise ConfigError(f"unknown llm backend {llm.backend!r}; choose from local, openai, azure")
 

