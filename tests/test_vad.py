@@ -245,3 +245,21 @@ def test_the_silence_window_can_grow_while_the_utterance_goes_on(speech):
     events = feed_all(endpointer, silence(400))
     assert kinds(events) == ["SpeechEnd"]
 
+
+
+def test_silero_hears_the_same_turns_and_ignores_clicks(speech):
+    from voicebus.workers.vad_frames import SileroFrames, open_classifier
+
+    first, second = speech
+    events = starts_and_ends(feed_all(Endpointer(classifier=SileroFrames()), silence(600), first, silence(1000),
+                                      second, silence(1500)))
+    assert kinds(events) == ["SpeechStart", "SpeechEnd", "SpeechStart", "SpeechEnd"]
+    first_end = 600 + len(first) / SAMPLES_PER_MS
+    assert abs(events[1][1].offset_ms - first_end) <= 100
+    rng = np.random.default_rng(11)
+    clicks = [silence(500)]
+    for burst_ms in (10, 100, 100):
+        clicks += [rng.normal(0, 8000, burst_ms * SAMPLES_PER_MS).clip(-32768, 32767), silence(800)]
+    assert feed_all(Endpointer(classifier=SileroFrames()), *clicks) == []
+    with pytest.raises(ConfigError, match="silero, webrtc"):
+        open_classifier("nonesuch")

@@ -31,8 +31,10 @@ class AudioSettings:
 
 @dataclass(frozen=True)
 class VadSettings:
+    engine: str = "webrtc"
+    """webrtc | silero (a neural VAD: tells noise from speech, hears the end ~40 ms sooner)"""
     aggressiveness: int = 2
-    """webrtcvad 0 (least) .. 3 (most aggressive at calling audio non-speech)"""
+    """webrtc: 0 (least) .. 3 (most aggressive at calling audio non-speech)"""
     silence_ms: int = 500
     """silence that ends an utterance (the base window; see adaptive)"""
     adaptive: bool = True

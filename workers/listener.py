@@ -45,6 +45,7 @@ from voicebus.workers.listener_progress import Progress, ProgressFile, run_key
 from voicebus.workers.redelivery import ANSWER_KINDS, Redelivery
 from voicebus.workers.turn_end import EndOfTurn
 from voicebus.workers.vad import Endpointer
+from voicebus.workers.vad_frames import open_classifier
 
 SILENCE = bytes(FRAME_BYTES)
 NO_NEWS_S = 60.0
@@ -101,8 +102,8 @@ class Listener(Actor):
         print(f"listener: loading {self.settings.asr.backend} speech recognition…", file=sys.stderr, flush=True)
         recognizer = backends.open_recognizer(self.settings, progress=self._progress_line)
         endpointer = Endpointer(
-            aggressiveness=vad.aggressiveness, preroll_ms=vad.preroll_ms, silence_ms=vad.silence_ms,
-            min_speech_ms=vad.min_speech_ms,
+            preroll_ms=vad.preroll_ms, silence_ms=vad.silence_ms, min_speech_ms=vad.min_speech_ms,
+            classifier=open_classifier(vad.engine, vad.aggressiveness),
         )
         end_of_turn = EndOfTurn(vad.silence_ms, vad.complete_ms, vad.incomplete_ms, adaptive=vad.adaptive,
                                 undecided_ms=vad.undecided_ms)

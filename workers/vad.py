@@ -1,6 +1,7 @@
 """Voice activity detection and end of utterance on internal 20 ms frames.
 
-webrtcvad labels each frame voiced or not; ``Endpointer`` turns those noisy
+A frame classifier (``vad_frames``: silero or webrtcvad) labels each frame
+voiced or not; ``Endpointer`` turns those noisy
 labels into turn boundaries with two sliding windows, in the manner of
 py-webrtcvad's example (a ring buffer and a voiced ratio):
 
@@ -13,8 +14,8 @@ py-webrtcvad's example (a ring buffer and a voiced ratio):
   end is held to a stricter ratio; 90 % still lets a stray click or breath sit
   in the silence without postponing the end.
 
-webrtcvad keeps labelling frames voiced for a while after any sound stops (its
-"hangover", measured below). Left alone that would let a 100 ms cough pass as
+A classifier keeps labelling frames voiced for a while after any sound stops
+(its "hangover", measured per classifier in ``vad_frames``). Left alone that would let a 100 ms cough pass as
 200 ms of speech and make every silence look 120 ms shorter than it is, so the
 windows are sized to discount it: ``min_speech_ms`` and ``silence_ms`` mean
 real sound and real silence, as a user would time them.
@@ -28,7 +29,8 @@ from dataclasses import dataclass, field
 
 from voicebus.engine.errors import ConfigError
 
-from .audio.pcm import FRAME_BYTES, FRAME_MS, RATE
+from .audio.pcm import FRAME_BYTES, FRAME_MS
+from .vad_frames import FrameClassifier, WebrtcFrames
 
 PAUSE_FRAMES = 3
 """Unvoiced frames in a row that make a pause: where a speculative decode can start."""
@@ -40,9 +42,6 @@ START_RATIO = 0.8
 """Share of the start window that must be voiced to confirm speech."""
 END_RATIO = 0.9
 """Share of the end window that must be unvoiced to end speech."""
-HANGOVER_FRAMES = {0: 8, 1: 8, 2: 6, 3: 6}
-"""Most 20 ms frames webrtcvad (webrtcvad-wheels 2.0.14) still calls voiced after a
-sound ends, by aggressiveness: measured with noise bursts of 60-400 ms."""
 
 
 @dataclass(frozen=True)
@@ -101,6 +100,7 @@ class Endpointer:
         preroll_ms: int = 300,
         silence_ms: int = 500,
         min_speech_ms: int = 200,
+        classifier: FrameClassifier | None = None,
     ) -> None:
         """Configure the detector.
 
@@ -109,15 +109,11 @@ class Endpointer:
         so the first syllable reaches the recognizer; ``silence_ms`` of silence
         end an utterance; sounds shorter than ``min_speech_ms`` never start one.
         """
-        import webrtcvad
-
-        if aggressiveness not in HANGOVER_FRAMES:
-            raise ConfigError(f"VAD aggressiveness must be 0, 1, 2 or 3, got {aggressiveness}")
         for name, value in (("preroll_ms", preroll_ms), ("silence_ms", silence_ms), ("min_speech_ms", min_speech_ms)):
             if value < 0:
                 raise ConfigError(f"VAD {name} must not be negative, got {value}")
-        self._vad = webrtcvad.Vad(aggressiveness)
-        self._hangover = HANGOVER_FRAMES[aggressiveness]
+        self._classifier = classifier or WebrtcFrames(aggressiveness)
+        self._hangover = self._classifier.hangover_frames
         self._preroll = _frames(preroll_ms)
         # Sound must outlast the hangover by min_speech_ms before it counts as speech.
         self._start_needed = max(1, _frames(min_speech_ms)) + self._hangover
@@ -162,7 +158,7 @@ class Endpointer:
         """Classify one 640-byte frame; return the events it completes (usually none)."""
         if len(frame) != FRAME_BYTES:
             raise ValueError(f"VAD frames are {FRAME_BYTES} bytes (20 ms at 16 kHz), got {len(frame)}")
-        voiced = self._vad.is_speech(frame, RATE)
+        voiced = self._classifier.is_speech(frame)
         index = self._frame_index
         self._frame_index += 1
         self._history.append(frame)
