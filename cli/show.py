@@ -19,7 +19,8 @@ from typing import Any
 import click
 
 from voicebus.cli.record import check_prefixes
-from voicebus.cli.tap import COLORS, KindFilter, as_json, plain_body, summarize
+from voicebus.cli.tap import KindFilter, as_json, plain_body
+from voicebus.cli.tap import line as tap_line
 from voicebus.engine.errors import AudioError
 from voicebus.engine.messages import Envelope
 from voicebus.engine.recording import Recording
@@ -242,10 +243,7 @@ def waterfall(story: TurnStory) -> list[str]:
 
 def message_line(t: float, env: Envelope, color: bool | None) -> str:
     """One message as ``voicebus tap`` prints it, after its time in the recording."""
-    when = datetime.fromtimestamp(env.ts).strftime("%H:%M:%S.%f")[:-3]
-    kind = click.style(f"{env.kind:<14}", fg=COLORS.get(env.kind.split(".")[0]))
-    turn = f" turn={env.turn}" if env.turn else ""
-    return f"{t:>9.3f} {when} {env.src:<28} {kind}{turn} {summarize(env)}"
+    return f"{t:>9.3f} {tap_line(env)}"
 
 
 def describe_header(recording: Recording) -> str:

@@ -44,6 +44,14 @@ def summarize(env: Envelope) -> str:
     return " ".join(parts)
 
 
+def line(env: Envelope) -> str:
+    """One message as a line: its wall-clock time, sender, kind (coloured by family), turn and body."""
+    when = datetime.fromtimestamp(env.ts).strftime("%H:%M:%S.%f")[:-3]
+    kind = click.style(f"{env.kind:<14}", fg=COLORS.get(env.kind.split(".")[0]))
+    turn = f" turn={env.turn}" if env.turn else ""
+    return f"{when} {env.src:<28} {kind}{turn} {summarize(env)}"
+
+
 def as_json(env: Envelope) -> str:
     def default(value: Any) -> Any:
         if isinstance(value, bytes):
@@ -121,10 +129,7 @@ def tap(prefixes: tuple[str, ...], heartbeats: bool, json_lines: bool, count: in
                 if json_lines:
                     click.echo(as_json(env))
                 else:
-                    when = datetime.fromtimestamp(env.ts).strftime("%H:%M:%S.%f")[:-3]
-                    kind = click.style(f"{env.kind:<14}", fg=COLORS.get(env.kind.split(".")[0]))
-                    turn = f" turn={env.turn}" if env.turn else ""
-                    click.echo(f"{when} {env.src:<28} {kind}{turn} {summarize(env)}", color=color)
+                    click.echo(line(env), color=color)
         except KeyboardInterrupt:
             pass
         bad = client.counters["bad_frames"]

@@ -8,7 +8,6 @@ test_eval_asr.py.
 
 from __future__ import annotations
 
-import threading
 import time
 
 import numpy as np
@@ -79,7 +78,7 @@ def of(events, kind) -> list:
 def test_the_final_is_ready_when_the_silence_window_closes(say):
     question = say("What is the capital of France?")
     events = run(Scripted(["What is the capital of France?"]), silence(500) + question + silence(1500))
-    [start], [guess], [ended], [final] = of(events, SpeechStarted), of(events, Guess), of(events, Ended), of(events, Final)
+    [guess], [ended], [final] = of(events, Guess), of(events, Ended), of(events, Final)
     assert final.text == guess.text == "What is the capital of France?" and final.guess == guess.rev
     at = {type(e): t for t, e in events}
     assert at[Guess] < at[Ended] <= at[Final] < at[Ended] + 0.05  # decoded during the window
@@ -91,7 +90,7 @@ def test_a_decode_slower_than_the_window_finishes_after_it(say):
     question = say("What is the capital of France?")
     events = run(Scripted(["Hello there"], decode_s=0.8), silence(500) + question + silence(2000), base_ms=400,
                  adaptive=False)
-    [start], [ended], [final] = of(events, SpeechStarted), of(events, Ended), of(events, Final)
+    [final] = of(events, Final)
     at = {type(e): t for t, e in events}
     assert 0.2 < at[Final] - at[Ended] < 0.9
     assert final.guess >= 1 and not of(events, Guess)  # it ended before the guess was ready: no guess went out

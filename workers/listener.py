@@ -26,7 +26,7 @@ from voicebus.engine.client import BusClient
 from voicebus.engine.errors import VoicebusError
 from voicebus.engine.messages import Envelope, Error, Interrupt, Shutdown, new_turn_id
 from voicebus.workers import backends
-from voicebus.workers.audio import FRAME_BYTES, FRAME_MS, RATE, open_source
+from voicebus.workers.audio import FRAME_BYTES, RATE, open_source
 from voicebus.workers.config import Settings
 from voicebus.workers.hearing import Ended, Event, Final, Guess, Hearing, NoMatch, Partial, Revoked, SpeechStarted
 from voicebus.workers.kinds import (
