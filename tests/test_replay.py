@@ -17,15 +17,11 @@ from pathlib import Path
 
 import pytest
 
+from voicebus.cli.replay_report import Comparison, Tolerances, compare, pair_turns, same_text
 from voicebus.cli.replay import (
-    Comparison,
-    Tolerances,
-    compare,
     known_settings,
-    pair_turns,
     parse_set,
     replay_config,
-    same_text,
     toml_text,
     user_side,
 )
