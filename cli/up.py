@@ -35,7 +35,8 @@ def parse_only(ctx: click.Context, param: click.Parameter, value: str | None) ->
 
 
 @click.command()
-@click.option("--input", "input_", metavar="mic|PATH.wav|none", help="Audio in (default: mic).")
+@click.option("--input", "input_", metavar="mic|FILE|bus|none",
+              help="Audio in: a microphone, a file (WAV, FLAC, OGG/Opus, MP3), the bus (audio.in), or none (default: mic).")
 @click.option("--output", metavar="speaker|PATH.wav|none", help="Audio out (default: speaker).")
 @click.option("--fast", is_flag=True, default=None, help="Read/write audio files as fast as possible, not in real time.")
 @click.option("--asr", metavar="NAME", help="Speech recognition: pocketsphinx | whisper | azure.")
