@@ -334,16 +334,14 @@ class ClipHeard:
 
 
 class Ear:
-    """The listener's audio front-end, driven as ``workers/listener.py`` drives it.
+    """The listener's front end (``voicebus.workers.hearing.Hearing``), driven as ``workers/listener.py`` drives it.
 
-    Today: ``voicebus.workers.vad.Endpointer`` + a recognizer from ``backends.open_recognizer``,
-    fed 20 ms frames (``_frame``/``_speech_started``/``_speech_ended``), with silence after the end
-    of the input until an utterance in progress ends. When the listener's front-end changes, this
-    class is the one place to change; the rest of the script needs from ``hear`` only a
-    ``ClipHeard``: per utterance its text and the monotonic times of vad.end and of the final, and
-    the recognizer's wall and CPU time and how much audio it was given (for the real-time factor).
-    A front-end that decodes on a thread of its own still reports the final's time as it is
-    published, and the time spent decoding on whichever thread.
+    The same frame classifier, endpointer, end-of-turn policy and recognizer the
+    listener builds from the settings; speculative decoding at pauses on the front
+    end's own thread; 20 ms frames, then silence after the end of the input until
+    an utterance in progress ends (the listener's end of input). ``hear`` returns
+    per utterance its text and the monotonic times of vad.end and of the final, and
+    the recognizer's wall and CPU time and how much audio it was given.
     """
 
     def __init__(self, settings) -> None:
@@ -355,57 +353,86 @@ class Ear:
 
     def hear(self, pcm: bytes, *, realtime: bool) -> ClipHeard:
         """Feed one clip of 16 kHz mono int16 ``pcm``; ``realtime`` delivers a frame every 20 ms."""
-        from voicebus.workers.vad import Endpointer, SpeechEnd, SpeechStart
+        from voicebus.workers.hearing import Ended, Final, Hearing, NoMatch, SpeechStarted
+        from voicebus.workers.turn_end import EndOfTurn
+        from voicebus.workers.vad import Endpointer
+        from voicebus.workers.vad_frames import open_classifier
 
-        vad_settings = self.settings.vad
-        vad = Endpointer(aggressiveness=vad_settings.aggressiveness, preroll_ms=vad_settings.preroll_ms,
-                         silence_ms=vad_settings.silence_ms, min_speech_ms=vad_settings.min_speech_ms)
-        rec, out = self.recognizer, ClipHeard()
+        vad = self.settings.vad
+        out = ClipHeard()
+        starts: dict[int, int] = {}
+        ends: dict[int, tuple[int, float]] = {}
+        input_over = False
+
+        def heard(event: object) -> None:
+            now = time.monotonic()
+            if isinstance(event, SpeechStarted):
+                starts[event.utterance] = event.offset_ms
+            elif isinstance(event, Ended):
+                ends[event.utterance] = (event.offset_ms, now)
+            elif isinstance(event, (Final, NoMatch)):
+                end_ms, vad_end_t = ends.get(event.utterance, (0, now))
+                out.heard.append(Heard(event.text.strip() if isinstance(event, Final) else "",
+                                       starts.get(event.utterance, 0), end_ms, vad_end_t, now, forced_end=input_over))
+
+        endpointer = Endpointer(preroll_ms=vad.preroll_ms, silence_ms=vad.silence_ms, min_speech_ms=vad.min_speech_ms,
+                                classifier=open_classifier(vad.engine, vad.aggressiveness))
+        end_of_turn = EndOfTurn(vad.silence_ms, vad.complete_ms, vad.incomplete_ms, adaptive=vad.adaptive,
+                                undecided_ms=vad.undecided_ms)
+        hearing = Hearing(_Timed(self.recognizer, out), endpointer, heard, end_of_turn=end_of_turn)
         frame_bytes = FRAME * 2
-        start_ms = 0
-
-        def timed(call: Callable[[], object]) -> object:
-            wall, cpu = time.monotonic(), time.process_time()
-            result = call()
-            out.decode_s += time.monotonic() - wall
-            out.decode_cpu_s += time.process_time() - cpu
-            return result
-
-        def frame_in(frame: bytes, *, after_input: bool) -> None:
-            nonlocal start_ms
-            events = vad.feed(frame)
-            for event in events:
-                if isinstance(event, SpeechStart):
-                    start_ms = event.offset_ms
-                    timed(rec.begin)
-                    for pre in event.preroll:
-                        timed(lambda pre=pre: rec.feed(pre))
-                    out.fed_s += len(event.preroll) * FRAME / RATE
-                elif isinstance(event, SpeechEnd):
-                    vad_end_t = time.monotonic()
-                    result = timed(rec.end)
-                    out.heard.append(Heard(result.text.strip(), start_ms, event.offset_ms, vad_end_t,
-                                           time.monotonic(), forced_end=after_input))
-            if vad.in_speech and not any(isinstance(e, SpeechStart) for e in events):
-                timed(lambda: rec.feed(frame))
-                out.fed_s += FRAME / RATE
-
-        t0 = time.monotonic()
         padded = pcm + bytes(-len(pcm) % frame_bytes)
-        for index in range(len(padded) // frame_bytes):
-            if realtime:  # frame i is complete at t0 + (i + 1) * 20 ms, as from a microphone
-                delay = t0 + (index + 1) * 0.02 - time.monotonic()
-                if delay > 0:
-                    time.sleep(delay)
-            frame_in(padded[index * frame_bytes : (index + 1) * frame_bytes], after_input=False)
-        for _ in range(30 * 50):  # the listener's end of input: silence until the utterance ends
-            if not vad.in_speech:
-                break
-            frame_in(bytes(frame_bytes), after_input=True)
+        t0 = time.monotonic()
+        try:
+            for index in range(len(padded) // frame_bytes):
+                if realtime:  # frame i is complete at t0 + (i + 1) * 20 ms, as from a microphone
+                    delay = t0 + (index + 1) * 0.02 - time.monotonic()
+                    if delay > 0:
+                        time.sleep(delay)
+                hearing.feed(padded[index * frame_bytes : (index + 1) * frame_bytes])
+            input_over = True
+            for _ in range(30 * 50):  # the listener's end of input: silence until the utterance ends
+                if not hearing.in_speech:
+                    break
+                hearing.feed(bytes(frame_bytes))
+            hearing.drain()
+        finally:
+            hearing.close()
+        out.heard.sort(key=lambda h: h.start_ms)
         return out
 
     def close(self) -> None:
         self.recognizer.close()
+
+
+class _Timed:
+    """The recognizer, with the time spent in it (on whichever thread) added to a ClipHeard."""
+
+    def __init__(self, recognizer, out: ClipHeard) -> None:
+        self._recognizer = recognizer
+        self._out = out
+        if hasattr(recognizer, "transcribe"):  # a batch recognizer: Hearing tells the kinds apart by this
+            self.transcribe = self._timed("transcribe", counts_audio=True)
+        else:
+            self.begin = self._timed("begin")
+            self.feed = self._timed("feed", counts_audio=True)
+            self.hypothesis = self._timed("hypothesis")
+            self.end = self._timed("end")
+
+    def _timed(self, name: str, *, counts_audio: bool = False) -> Callable[..., object]:
+        method = getattr(self._recognizer, name)
+
+        def call(*args: object) -> object:
+            wall, cpu = time.monotonic(), time.process_time()  # the recognizer's own threads count too
+            try:
+                return method(*args)
+            finally:
+                self._out.decode_s += time.monotonic() - wall
+                self._out.decode_cpu_s += time.process_time() - cpu
+                if counts_audio and args:
+                    self._out.fed_s += len(args[0]) / 2 / RATE
+
+        return call
 
 
 # --- scoring -------------------------------------------------------------------------------------
