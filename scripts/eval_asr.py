@@ -390,6 +390,10 @@ class Ear:
                     if delay > 0:
                         time.sleep(delay)
                 hearing.feed(padded[index * frame_bytes : (index + 1) * frame_bytes])
+                if not realtime and hearing.decoding:
+                    # At full speed the stream would race ahead of the decode: let it finish at this
+                    # point of the stream, as an infinitely fast recognizer would (latency: --realtime).
+                    hearing.drain()
             input_over = True
             for _ in range(30 * 50):  # the listener's end of input: silence until the utterance ends
                 if not hearing.in_speech:

@@ -17,8 +17,9 @@ from conftest import wait_for
 
 def test_normalize_and_spoken_part():
     assert normalize("  Good-bye! ") == "good bye" and normalize("STOP.") == "stop"
-    stops = StopPhrases(["stop", "goodbye"])
-    for said in ("Stop.", "stop", "STOP!", "Stop, stop.", "Okay, stop please.", "Good bye.", "Goodbye!", "good-bye"):
+    stops = StopPhrases(["stop", "goodbye", "bye"])
+    for said in ("Stop.", "stop", "STOP!", "Stop, stop.", "Okay, stop please.", "Good bye.", "Goodbye!", "good-bye",
+                 "Bye.", "Bye bye!"):
         assert stops.matches(said), said
     for said in ("How do I stop a nosebleed?", "Stop the music.", "Say goodbye to my sister.", "", "Please."):
         assert not stops.matches(said), said

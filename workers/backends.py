@@ -42,7 +42,7 @@ def open_recognizer(settings: Settings, progress: Progress | None = None) -> Rec
 
         return WhisperRecognizer(
             language=asr.language, cache_dir=state_dir(settings) / "models", progress=progress,
-            beam_size=asr.beam_size, threads=asr.threads,
+            beam_size=asr.beam_size, threads=asr.threads, prompt=asr.prompt,
         )
     if asr.backend == "azure":
         from voicebus.workers.asr.azure import AzureRecognizer

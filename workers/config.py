@@ -61,6 +61,9 @@ class AsrSettings:
     inaccurate on voices it was not tuned on) | azure"""
     beam_size: int = 5
     """whisper: beam search width (1 = greedy, faster, less accurate)"""
+    prompt: str = "auto"
+    """whisper: text the model reads as "what came before" each utterance (a style and vocabulary hint);
+    auto: a short assistant-style English prompt when the language is English (workers/asr/whisper.py), else none"""
     threads: int = 0
     """whisper: CPU threads (0 = all cores)"""
     language: str = field(default="en-US", metadata=env_names("SPEECH_RECOGNITION_LANGUAGE"))
@@ -87,7 +90,7 @@ class LlmSettings:
     seed: int = -1
     """sampling seed for reproducible answers (replays, tests); -1 draws a new one each time"""
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
-    stop_phrases: tuple[str, ...] = ("stop", "goodbye")
+    stop_phrases: tuple[str, ...] = ("stop", "goodbye", "bye")
     model: str = ""
     """openai: the model name"""
     base_url: str = field(default="", metadata=env_names("OPENAI_BASE_URL"))

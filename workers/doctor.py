@@ -17,6 +17,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from voicebus.engine.errors import VoicebusError
+from voicebus.workers.asr import CHOOSE, MEASURED
 from voicebus.workers.config import Settings
 from voicebus.workers.llm.local import default_threads
 from voicebus.workers.llm.probe import GenerationProbe
@@ -144,6 +145,8 @@ def run_checks(settings: Settings, *, llm_probe: GenerationProbe | None = None) 
             yield Check(stage, "package", ok, f"{backend}: {module} " + ("installed" if ok else f"missing: pip install '{hint}'"))
         missing = missing_settings(settings, [WORKER_OF[stage]])
         yield Check(stage, "settings", not missing, f"{backend}: " + (f"missing {', '.join(missing)}" if missing else "complete"))
+        if stage == "asr" and backend in MEASURED:
+            yield Check(stage, "about", True, f"{backend}: {MEASURED[backend]}; {CHOOSE}")
         find = _model_check(stage, backend, settings)
         if find is not None:
             try:

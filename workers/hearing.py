@@ -360,6 +360,12 @@ class Hearing:
             return Transcript("")
         return self.recognizer.transcribe(pcm)  # type: ignore[union-attr]
 
+    @property
+    def decoding(self) -> bool:
+        """A decode is queued or running."""
+        with self._lock:
+            return bool(self._jobs) or self._busy
+
     def drain(self, timeout: float = 30.0) -> None:
         """Wait until every ended utterance has its final (the end of an input)."""
         deadline = time.monotonic() + timeout

@@ -46,6 +46,11 @@ TOKENS_PER_S = 6
 """Generous bound on text tokens per second of speech (fast talkers say ~4)."""
 MAX_COMPRESSION = 2.2
 """Text that zlib shrinks more than this is repetitive (faster-whisper's own check uses 2.4 on 30 s)."""
+ENGLISH_PROMPT = "Hey. Turn on the radio. Who wrote Hamlet? Okay, goodbye."
+"""What whisper reads as the text before each English utterance: requests to an assistant, and a farewell.
+Chosen on the tuning voices, checked on the judge voices (scripts/eval_asr.py, clean): word accuracy
+0.840 → 0.866, lone stop phrases heard 32/40 → 37/40 (most misses were "Goodbye" heard as "Don't buy"),
+no false stop in 160 sentences that contain stop words. Its sentences are in neither evaluation set."""
 NO_SPEECH_PROB = 0.6
 NO_SPEECH_LOGPROB = -1.0
 """faster-whisper's rule: a result the model thinks is no speech, and is unsure of, is silence ("you" on
@@ -96,6 +101,7 @@ class WhisperRecognizer:
         beam_size: int = 5,
         pad_s: float = 1.0,
         min_window_s: float = 10.0,
+        prompt: str = "auto",
     ) -> None:
         """Assemble the model into ``cache_dir`` if needed (once) and load it.
 
@@ -132,7 +138,11 @@ class WhisperRecognizer:
             )
         self._model = model
         self._tokenizer = Tokenizer(model.hf_tokenizer, model.model.is_multilingual, task="transcribe", language=code)
-        self._prompt = [*self._tokenizer.sot_sequence, self._tokenizer.no_timestamps]
+        # A prompt is read as the text before the utterance: it hints at style and vocabulary.
+        if prompt == "auto":
+            prompt = ENGLISH_PROMPT if code == "en" else ""
+        context = [self._tokenizer.sot_prev, *self._tokenizer.encode(" " + prompt.strip())] if prompt.strip() else []
+        self._prompt = [*context, *self._tokenizer.sot_sequence, self._tokenizer.no_timestamps]
         self.language = language
         self.beam_size = beam_size
         self.pad_s = pad_s
