@@ -31,8 +31,10 @@ class AudioSettings:
 
 @dataclass(frozen=True)
 class VadSettings:
-    engine: str = "webrtc"
-    """webrtc | silero (a neural VAD: tells noise from speech, hears the end ~40 ms sooner)"""
+    engine: str = "silero"
+    """silero (a small neural network: tells noise from speech) | webrtc (lighter, fooled by noise).
+    eval_asr with whisper on the judge voices: at 15 dB 0.68 vs 0.55 word accuracy, babble 0.45 vs 0.32,
+    utterances split in two 8 vs 15, clean speech alike (0.81 vs 0.82)"""
     aggressiveness: int = 2
     """webrtc: 0 (least) .. 3 (most aggressive at calling audio non-speech)"""
     silence_ms: int = 500

@@ -3,10 +3,13 @@
 * ``webrtc`` — webrtcvad (a GMM on spectral features). Cheap and quick, but it
   calls any steady sound speech: in babble or 10–15 dB of noise it never hears a
   pause, and an utterance runs on until the input ends.
-* ``silero`` — silero VAD v6, a small neural network, run with onnxruntime (which
-  piper already brings) on the ONNX file faster-whisper ships in its package
-  (``faster_whisper/assets``). It tells speech from noise, and its probability
-  falls within a chunk or two after the voice stops. ~0.2 ms per 32 ms chunk here.
+* ``silero`` (the default) — silero VAD v6, a small neural network, run with
+  onnxruntime (which piper already brings) on the ONNX file faster-whisper ships
+  in its package (``faster_whisper/assets``). It tells speech from noise, and its
+  probability falls within a chunk or two after the voice stops. ~0.2 ms per
+  32 ms chunk here. With whisper on unseen voices (scripts/eval_asr.py) it raised
+  word accuracy at 15 dB SNR from 0.55 to 0.68 and halved the utterances split
+  in two by noise.
 
 Both report, besides the label, how many frames they may still call speech
 after a sound ends (``hangover_frames``), which the endpointer discounts so that
