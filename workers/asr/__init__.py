@@ -6,8 +6,11 @@ changing a line here.
 """
 
 MEASURED = {
-    "whisper": "the default: whisper base int8, decoded speculatively at every pause. PENDING",
-    "pocketsphinx": "fast and streaming, but it mishears voices it was not tuned on. PENDING",
+    "whisper": (
+        "the default: whisper base int8, decoded at every pause; on ten voices nobody tuned on, word accuracy "
+        "0.86 clean, 0.77 / 0.68 / 0.58 with noise at 20 / 15 / 10 dB; its final is ready when the turn ends"
+    ),
+    "pocketsphinx": "fast and streaming, but 0.09 word accuracy on voices it was not tuned on (0.46 on piper's joe)",
     "azure": "Azure Speech: accuracy and latency are the service's (network round trips included)",
 }
 CHOOSE = "pick one with --asr NAME or [asr] backend = NAME (whisper | pocketsphinx | azure)"
