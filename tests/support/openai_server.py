@@ -16,7 +16,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
@@ -181,18 +181,22 @@ class ScriptedHandler(BaseHTTPRequestHandler):
         self.wfile.flush()
         self.close_connection = True
 
-    def scenario_slow(self, model: str, attempt: int) -> None:
+    def stream_paced(self, model: str, pieces: Iterable[str], every_s: float) -> None:
+        """Stream ``pieces`` one every ``every_s``; note when the client hangs up instead."""
         self.start_sse()
         try:
-            for i in range(200):
-                self.write_chunk(_chunk(f" w{i}"))
-                if self.script.stop.wait(0.05):
+            for piece in pieces:
+                self.write_chunk(_chunk(piece))
+                if self.script.stop.wait(every_s):
                     return
             self.write_chunk(_chunk(finish="stop"))
             self.finish_sse()
         except OSError:
             self.script.disconnected[model] = time.monotonic()
             self.close_connection = True
+
+    def scenario_slow(self, model: str, attempt: int) -> None:
+        self.stream_paced(model, (f" w{i}" for i in range(200)), 0.05)
 
     def scenario_echo(self, model: str, attempt: int) -> None:
         # A warm-up request carries only the system prompt.
@@ -210,19 +214,8 @@ class ScriptedHandler(BaseHTTPRequestHandler):
         messages = self.body["messages"]
         done = COUNT_WORDS.index(messages[-1]["content"].split()[-1].rstrip(".")) + 1 if (
             messages[-1]["role"] == "assistant") else 0
-        self.start_sse()
-        try:
-            for number in range(done, total):
-                for piece in (" " if number else "", COUNT_WORDS[number], "."):
-                    if piece:
-                        self.write_chunk(_chunk(piece))
-                        if self.script.stop.wait(0.04):
-                            return
-            self.write_chunk(_chunk(finish="stop"))
-            self.finish_sse()
-        except OSError:
-            self.script.disconnected[model] = time.monotonic()
-            self.close_connection = True
+        pieces = (piece for n in range(done, total) for piece in (" " if n else "", COUNT_WORDS[n], ".") if piece)
+        self.stream_paced(model, pieces, 0.04)
 
     def scenario_stall(self, model: str, attempt: int) -> None:
         self.script.stop.wait(30)  # never answers while the test runs
