@@ -13,6 +13,10 @@ from voicebus.workers.kinds import Ask, LlmAccepted, LlmDone, LlmError, LlmResen
 from voicebus.workers.redelivery import Redelivery
 
 
+ANSWER = ("llm.accepted", "llm.sentence", "llm.done", "llm.error")
+"""The kinds ``ask`` reads."""
+
+
 class _Answer:
     """The answer's sentences as they arrive, printed in order, each once (replays repeat some)."""
 
@@ -71,7 +75,9 @@ def ask(text: str, timeout: float, source: SettingsSource) -> None:
     notes: set[str] = set()
     error_shown = False
     with make_client(settings, "ask") as client:
-        client.subscribe("llm.")
+        # What it handles, not all of llm.: every token of every answer (and a flood of llm.token.*)
+        # would pass through this queue, and could hold up the hello that proves the connection.
+        client.subscribe(*ANSWER)
         client.announce()
         client.publish(body, turn=turn)
         redelivery.sent(turn, body, time.monotonic())

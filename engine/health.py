@@ -1,10 +1,21 @@
 """Who is unwell: the bus, or a worker — decided from heartbeats and the supervisor's own echo.
 
 The supervisor publishes a heartbeat of its own every ``PROBE_S``; when it
-comes back, the bus demonstrably passes messages. A worker's silence counts
-against it only over time the bus was passing messages — otherwise a hung bus
-would look like every worker hanging at once, and healthy workers would be
-killed while the real culprit stayed.
+comes back promptly, the bus demonstrably passes messages, and so would the
+workers' heartbeats. A worker's silence counts against it only over such time —
+otherwise a hung bus would look like every worker hanging at once, and healthy
+workers would be killed while the real culprit stayed.
+
+A late echo is not a hung bus, though. A flood of any kind the supervisor
+subscribes to (subscriptions are prefixes: ``sys.flood`` fills a ``sys.``
+subscription) fills its receive queue, and its probe then waits behind the
+flood or is dropped with it. Any frame received (``traffic``) proves the bus
+forwards; so the bus is hung only when *nothing at all* arrived for the whole
+timeout. While the echo is late but traffic flows, nobody is judged: a
+worker's heartbeat may have been dropped in the same queue, and killing a
+healthy worker costs its loaded model, where waiting out the flood costs only
+time. (A separate socket for health would not escape this: a flood of
+``sys.heartbeat.x`` matches any subscription that lets heartbeats in.)
 """
 
 from __future__ import annotations
@@ -24,9 +35,9 @@ BUS_RESTART_GRACE_S = 2.0
 @dataclass
 class Verdict:
     bus_hung: bool = False
-    """the bus passed nothing for the whole timeout"""
+    """the bus passed nothing at all for the whole timeout"""
     bus_quiet: bool = False
-    """the bus passed nothing lately: workers are not judged now"""
+    """our echo did not come back lately (the bus is hung, or a flood holds it up): workers are not judged now"""
     stale: dict[int, float] = field(default_factory=dict)
     """pid → the silence limit it exceeded"""
 
@@ -35,6 +46,7 @@ class Verdict:
 class HealthMonitor:
     timeout_s: float
     _last_echo: float = 0.0
+    _last_traffic: float = 0.0
     _grace_until: float = 0.0
     _bus_silent_until: float = 0.0
     _heartbeats: dict[int, float] = field(default_factory=dict)
@@ -47,6 +59,10 @@ class HealthMonitor:
 
     def echoed(self, now: float) -> None:
         self._last_echo = now
+
+    def traffic(self, now: float) -> None:
+        """Frames arrived (of any kind, even undecodable): the bus forwards, however late our echo is."""
+        self._last_traffic = now
 
     def started(self, pid: int, now: float) -> None:
         self._started[pid] = now
@@ -62,7 +78,8 @@ class HealthMonitor:
         quiet = now - max(self._last_echo, self._grace_until)
         if quiet > FRESH_S:
             self._bus_silent_until = now
-            return Verdict(bus_hung=quiet > self.timeout_s, bus_quiet=True)
+            silent = now - max(self._last_echo, self._last_traffic, self._grace_until)
+            return Verdict(bus_hung=silent > self.timeout_s, bus_quiet=True)
         verdict = Verdict()
         for pid, started in self._started.items():
             heard = self._heartbeats.get(pid)

@@ -112,7 +112,9 @@ class Supervisor:
         self._started = time.monotonic()
         self._next_probe = 0.0
         self._reported_quiet_bus = False
-        """The last moment the bus was found silent: workers' heartbeats are judged from then on."""
+        """A remote bus that went quiet was reported (once per quiet spell)."""
+        self._received = 0
+        """Frames our connection had received at the last tick: more since then is traffic (see health)."""
 
     def _policy(self) -> RestartPolicy:
         s = self.settings
@@ -174,6 +176,10 @@ class Supervisor:
             if env is None:
                 break
             self._on_message(env)
+        received = self.client.counters["received"]  # every frame, bad ones too
+        if received != self._received:
+            self._received = received
+            self.health.traffic(time.monotonic())
         self._probe_bus()
         self._reap()
         self._check_heartbeats()
