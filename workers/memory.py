@@ -177,6 +177,7 @@ class Conversation:
         *,
         per_message: int = 0,
         until_turn: int | None = None,
+        stable: bool = False,
     ) -> list[dict[str, str]]:
         """The system prompt and the most recent whole turns that fit ``budget_tokens``.
 
@@ -186,6 +187,15 @@ class Conversation:
         answer. ``per_message`` adds each message's template overhead.
         ``until_turn`` leaves out later turns (questions queued behind the one
         being answered).
+
+        ``stable``: the window's first turn moves in steps, so that consecutive
+        prompts share their beginning for several turns. A model server caches the
+        evaluated prefix (llama.cpp does); a window that slid by one turn per answer
+        made every answer evaluate the whole history again (measured with the local
+        model here: 18 s instead of 1 s per answer). The window starts at a position
+        in the history that is a multiple of the step, a power of two at most half
+        the turns that fit: it keeps at least half of what would fit, and its start
+        stays put for a step's worth of turns while turns are of similar size.
         """
         turns: dict[int, list[dict[str, str]]] = {}
         for turn, role, text in self.history():
@@ -193,16 +203,20 @@ class Conversation:
                 continue
             if text:
                 turns.setdefault(turn, []).append({"role": role, "content": text})
+        ordered = sorted(turns)
         used = count_tokens(self.system_prompt) + per_message
-        kept: list[list[dict[str, str]]] = []
-        for turn in sorted(turns, reverse=True):
-            cost = sum(count_tokens(m["content"]) + per_message for m in turns[turn])
-            if kept and used + cost > budget_tokens:
+        first = len(ordered)
+        for position in range(len(ordered) - 1, -1, -1):
+            cost = sum(count_tokens(m["content"]) + per_message for m in turns[ordered[position]])
+            if first < len(ordered) and used + cost > budget_tokens:
                 break
-            kept.append(turns[turn])
+            first = position
             used += cost
+        if stable and first > 0:  # the next step at or after the first turn that fits
+            step = 1 << max(0, ((len(ordered) - first) // 2).bit_length() - 1)
+            first = -(-first // step) * step
         system = {"role": "system", "content": self.system_prompt}
-        return [system] + [message for turn in reversed(kept) for message in turn]
+        return [system] + [message for turn in ordered[first:] for message in turns[turn]]
 
     # -- lifetime ----------------------------------------------------------
 

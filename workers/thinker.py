@@ -3,7 +3,8 @@
 Handlers run on the bus loop and only record, queue or set flags; generation
 runs on its own thread, one turn at a time in the order turns were accepted
 (so ``ctl.interrupt`` is seen within one token, and two askers never cancel
-each other). Every accepted turn ends with exactly one ``llm.done``.
+each other; a barge-in, which is about audio, ends voice turns, never a text
+asker's answer). Every accepted turn ends with exactly one ``llm.done``.
 
 Delivery (see ``turnlog``): a turn is written to disk before ``llm.accepted``
 goes out, and each sentence before its ``llm.sentence``. A repeated utterance
@@ -54,7 +55,7 @@ from voicebus.workers.kinds import (
 from voicebus.workers.memory import Conversation
 from voicebus.workers.sentences import SentenceCutter, speakable
 from voicebus.workers.stop_phrases import StopPhrases
-from voicebus.workers.turnlog import TEXT, VOICE, TurnLog, TurnRecord
+from voicebus.workers.turnlog import BARGE_IN, TEXT, VOICE, TurnLog, TurnRecord
 
 APOLOGY = "Sorry, I could not answer that just now."
 RESUME_WITHIN_S = 600.0
@@ -275,11 +276,16 @@ class Thinker(Actor):
     def on_interrupt(self, env: Envelope) -> None:
         assert self.log is not None
         reason = getattr(env.body, "reason", "") or "interrupted"
+
+        def ends(job: Job) -> bool:
+            # The voice user speaking over a text asker's answer stops its audio, not the asker's answer.
+            return env.turn in (0, job.turn) and not (reason == BARGE_IN and job.channel == TEXT)
+
         with self._wake:
-            if self._current is not None and env.turn in (0, self._current.turn):
+            if self._current is not None and ends(self._current):
                 self._current.reason = reason
                 self._current.cancel.set()
-            dropped = [job for job in self._queue if job.turn == env.turn]
+            dropped = [job for job in self._queue if job.turn == env.turn and ends(job)]
             for job in dropped:
                 self._queue.remove(job)
         for job in dropped:  # not started: it ends now, with nothing said
@@ -296,26 +302,37 @@ class Thinker(Actor):
         """A voice turn's playback was cut: its history keeps only what was heard."""
         assert self.log is not None and isinstance(env.body, PlayStopped)
         body = env.body
+        record = self.log.get(env.turn)
+        # A speaker that restarted mid-turn reports from where *it* began; what its predecessor played
+        # (play.done, recorded as played) was heard all the same.
+        index, spoken_ms, total_ms = body.index, body.spoken_ms, body.total_ms
+        played = 0
+        while record is not None and played < len(record.sentences) and record.sentences[played].played:
+            played += 1
+        if played > index:
+            index, spoken_ms, total_ms = played, 0, 0
         with self._wake:
             current = self._current
             if current is not None and current.turn == env.turn and not current.guess:
                 answer = current.answer
                 if current.channel == VOICE:  # a text turn was delivered as text: playback does not cut it
-                    answer.heard = spoken_part(answer.sentences, body.index, body.spoken_ms, body.total_ms)
+                    answer.heard = spoken_part(answer.sentences, index, spoken_ms, total_ms)
                     current.reason = current.reason or body.reason
                     current.cancel.set()
                 return
-        record = self.log.get(env.turn)
         if record is not None and record.done and record.channel == VOICE:
             said = [s.text for s in record.sentences if s.raw]
-            self.log.finish(env.turn, record.finish, record.reason,
-                            spoken_part(said, body.index, body.spoken_ms, body.total_ms))
+            self.log.finish(env.turn, record.finish, record.reason, spoken_part(said, index, spoken_ms, total_ms))
 
     def _position(self, turn: int) -> int | None:
-        """Where ``turn`` is among the queued and running turns (0 = being answered), or None."""
+        """Where ``turn`` is among the queued and running turns (0 = being answered), or None.
+
+        A running turn that was interrupted still counts until its generation stops: it ends with its
+        own llm.done, and a repeat that crosses the interrupt must not start a second answer.
+        """
         with self._wake:
             ahead = [self._current] if self._current is not None else []
-            confirmed = [job for job in (*ahead, *self._queue) if not job.guess and not job.cancel.is_set()]
+            confirmed = [job for job in (*ahead, *self._queue) if not job.guess]
             for index, job in enumerate(confirmed):
                 if job.turn == turn:
                     return index
@@ -499,7 +516,7 @@ class Thinker(Actor):
         """System prompt and as much history up to ``turn`` as fits beside the answer."""
         assert self.memory is not None and self.chat is not None
         budget = max(256, self.chat.context_tokens - self.settings.llm.max_tokens)
-        return self.memory.messages(budget, self.chat.count_tokens, per_message=4, until_turn=turn)
+        return self.memory.messages(budget, self.chat.count_tokens, per_message=4, until_turn=turn, stable=True)
 
     def close(self) -> None:
         with self._wake:

@@ -1,0 +1,44 @@
+"""The thinker's history window moves in steps, so that a model server's prefix cache keeps working.
+
+Found by scripts/chaos.py with the local model: once a conversation outgrew the prompt budget, the window
+slid by one turn per answer, every prompt began differently, and llama.cpp evaluated the whole history
+again for each answer (18 s instead of 1 s here): askers timed out behind a thinker that could not keep up.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from voicebus.workers.memory import Conversation
+
+
+def words(text: str) -> int:
+    return len(text.split())
+
+
+def test_a_stable_window_keeps_its_beginning_for_several_turns(tmp_path: Path) -> None:
+    budget = 200  # about 24 turns of 8 words fit: the step is 8 turns
+    starts, kept = [], []
+    with Conversation(tmp_path / "c.sqlite", system_prompt="Be brief.") as conv:
+        for turn in range(1, 120):
+            conv.add_user(turn, f"question {turn} about things")  # 4 words
+            prompt = conv.messages(budget, words, stable=True)
+            conv.add_assistant(turn, f"answer {turn} is short")  # 4 words
+            assert sum(words(m["content"]) for m in prompt) <= budget
+            assert prompt[-1]["content"] == f"question {turn} about things"  # the latest is always there
+            starts.append(int(prompt[1]["content"].split()[1]))
+            kept.append(len(prompt))
+    changes = [i for i in range(1, len(starts)) if starts[i] != starts[i - 1]]
+    assert len(changes) > 5, "the history outgrew the budget: the window must move"
+    assert all(b - a >= 8 for a, b in zip(changes, changes[1:])), changes  # a prefix cache hits 7 times in 8
+    assert min(kept[30:]) >= max(kept) // 2  # and it keeps at least half of what fits
+
+
+def test_the_default_window_still_keeps_all_that_fits(tmp_path: Path) -> None:
+    with Conversation(tmp_path / "c.sqlite", system_prompt="Be brief.") as conv:
+        for turn in range(1, 20):
+            conv.add_user(turn, f"question {turn} about things")
+            conv.add_assistant(turn, f"answer {turn} is short")
+        sliding, stable = conv.messages(60, words), conv.messages(60, words, stable=True)
+    assert sliding[-1] == stable[-1] and len(stable) <= len(sliding)
+    assert sum(words(m["content"]) for m in sliding) > 60 - 8  # sliding fills the budget to the last turn
