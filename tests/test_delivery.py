@@ -301,3 +301,66 @@ def test_a_void_guess_is_cancelled_and_never_remembered(thinker, make_client, tm
     seen = until_done(client, turn)
     assert seen[-1].body.finish_reason == "stop" and not any(e.body.guess for e in seen if e.kind == "llm.sentence")
     assert [text for t, role, text in history(tmp_path) if role == "user"] == ["What is the capital of Peru?"]
+
+
+# --- found by scripts/chaos.py ---------------------------------------------------------------------
+
+
+def test_a_repeat_that_crosses_an_interrupt_does_not_answer_the_turn_again(thinker, make_client):
+    """The asker's repeat arrives while the interrupted answer is still stopping: one end, cancelled."""
+    client = make_client("test", subscribe=("llm.", "sys.ready"))
+    thinker("count-crossing-12")
+    ready(client)
+    turn = new_turn_id()
+    client.publish(Ask(text="Count to twelve."), turn=turn)
+    wait_for(client, lambda e: e.kind == "llm.sentence" and e.turn == turn, timeout=10)
+    client.publish(Interrupt(reason="the user spoke"), turn=turn)
+    client.publish(Ask(text="Count to twelve."), turn=turn)
+    seen = until_done(client, turn)
+    assert seen[-1].body.finish_reason == "cancelled"
+    late = [e for e in iter(lambda: client.recv(timeout=1.5), None) if e.turn == turn]
+    assert not [e for e in late if e.kind == "llm.done" and not e.body.replay], "answered a second time"
+    assert not [e for e in late if e.kind == "llm.sentence" and not e.body.replay]
+
+
+def test_a_restarted_speakers_stop_keeps_what_its_predecessor_played(thinker, make_client, tmp_path):
+    """A speaker that never heard of the turn reports it stopped at sentence 0; the sentences the
+    speaker before it played (play.done) were heard all the same and stay in the history."""
+    client = make_client("test", subscribe=("llm.", "sys.ready"))
+    thinker("count-floor-3")
+    ready(client)
+    turn = new_turn_id()
+    client.publish(AsrFinal(text="Count to three."), turn=turn)
+    until_done(client, turn)
+    client.publish(PlayDone(index=0, spoken_ms=500), turn=turn)
+    client.publish(PlayDone(index=1, spoken_ms=500), turn=turn)
+    client.publish(PlayStopped(index=0, reason="barge-in", spoken_ms=0, total_ms=0), turn=turn)
+
+    def answer():
+        return next((text for t, role, text in history(tmp_path) if t == turn and role == "assistant"), None)
+
+    deadline = time.monotonic() + 5
+    while answer() != "One. Two." and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert answer() == "One. Two."
+
+
+def test_a_barge_in_stops_a_text_answers_audio_not_the_answer(thinker, make_client, tmp_path):
+    """Found by scripts/chaos.py: the voice user spoke while a text asker's answer was being played; the
+    listener interrupts what plays, and the thinker cancelled the other asker's answer ('ask' exited 1).
+    A barge-in is about audio: a voice turn ends, a text turn's answer still goes to its asker whole."""
+    client = make_client("test", subscribe=("llm.", "sys.ready"))
+    thinker("count-bargetext-8")
+    ready(client)
+    text_turn, voice_turn = new_turn_id(), new_turn_id() + 1
+    client.publish(Ask(text="Count to eight."), turn=text_turn)
+    wait_for(client, lambda e: e.kind == "llm.sentence" and e.turn == text_turn, timeout=10)
+    client.publish(Interrupt(reason="barge-in"), turn=text_turn)
+    seen = until_done(client, text_turn)
+    assert seen[-1].body.finish_reason == "stop" and seen[-1].body.sentences == 8
+    client.publish(AsrFinal(text="Count to eight."), turn=voice_turn)
+    wait_for(client, lambda e: e.kind == "llm.sentence" and e.turn == voice_turn, timeout=10)
+    client.publish(Interrupt(reason="barge-in"), turn=voice_turn)
+    assert until_done(client, voice_turn)[-1].body.finish_reason == "cancelled"
+    assert [text for t, role, text in history(tmp_path) if t == text_turn and role == "assistant"] == [
+        "One. Two. Three. Four. Five. Six. Seven. Eight."]

@@ -74,8 +74,10 @@ def test_turns_from_a_file_then_shutdown_when_answered(run_listener, make_client
     after = time.monotonic()
     quiet = [e for e in iter(lambda: client.recv(timeout=2.0), None) if e.kind == "asr.final"]
     assert not quiet and time.monotonic() - after >= 2.0
-    client.publish(TurnMetrics(timings={}), turn=turns[0])
     client.publish(LlmDone(finish_reason="cancelled", sentences=0), turn=turns[1])  # nothing to play: done too
+    # The first was spoken over: the speaker's word does not end it, the thinker's does.
+    client.publish(TurnMetrics(timings={}, outcome="interrupted"), turn=turns[0])
+    client.publish(LlmDone(finish_reason="cancelled", sentences=1), turn=turns[0])
     shutdown = wait_for(client, lambda e: e.kind == "ctl.shutdown", timeout=10)
     assert shutdown.body.reason == "input ended" and not shutdown.body.failed
 
@@ -153,3 +155,56 @@ def test_a_restarted_listener_resumes_the_file_and_offers_what_was_pending(run_a
     new_turns = {e.turn for e in seen if e.kind == "vad.start"}
     finals = {e.turn: e.body.text.lower() for e in seen if e.kind == "asr.final" and e.turn in new_turns}
     assert len(finals) == 1 and "joke" in finals.popitem()[1]  # only the second question was heard again
+
+
+def _spoken_over(run_listener, make_client, two_questions):
+    """Run the two questions (the second starts while the first is unanswered: it is spoken over)."""
+    client = make_client("test", subscribe=("asr.final", "ctl.interrupt", "ctl.shutdown", "audio.end"))
+    run_listener(two_questions)
+    seen = collect_until(client, lambda e: e.kind == "audio.end")
+    first, second = list(dict.fromkeys(e.turn for e in seen if e.kind == "asr.final"))
+    assert any(e.kind == "ctl.interrupt" and e.turn == first for e in seen)
+    return client, first, second
+
+
+def test_a_question_spoken_over_before_a_thinker_took_it_still_reaches_one(run_listener, make_client,
+                                                                          two_questions):
+    """Found by scripts/chaos.py: the thinker was down (or the bus lost the question) when the user spoke
+    again; the speaker's 'interrupted' ended the turn, and the question was recorded nowhere."""
+    client, first, second = _spoken_over(run_listener, make_client, two_questions)
+    client.publish(TurnMetrics(timings={}, outcome="interrupted"), turn=first)  # the speaker's end
+    client.publish(LlmDone(finish_reason="revoked", sentences=0, guess=1), turn=second)  # a guess's, not the turn's
+    sent = time.time()
+    offered = set()
+    deadline = time.monotonic() + 5
+    while offered != {first, second} and time.monotonic() < deadline:
+        env = client.recv(timeout=0.5)
+        if env is not None and env.kind == "asr.final" and env.ts > sent + 0.1:
+            offered.add(env.turn)
+    assert offered == {first, second}, "no longer offered"
+    # A thinker that takes it hears the barge-in again; its end (cancelled) is the turn's end.
+    client.publish(LlmAccepted(), turn=first)
+    wait_for(client, lambda e: e.kind == "ctl.interrupt" and e.turn == first, timeout=5)
+    client.publish(LlmDone(finish_reason="cancelled", sentences=0), turn=first)
+    client.publish(LlmDone(finish_reason="stop", sentences=0), turn=second)
+    shutdown = wait_for(client, lambda e: e.kind == "ctl.shutdown", timeout=10)
+    assert shutdown.body.reason == "input ended" and not shutdown.body.failed
+
+
+def test_a_question_spoken_over_waits_for_the_speaker_to_say_how_it_ended(run_listener, make_client,
+                                                                         two_questions):
+    """Found by scripts/chaos.py: (1) the speaker was restarting when the answer went out; the thinker's end
+    ended the spoken-over turn, no speaker ever heard of it, and the history said it was all heard.
+    (2) The thinker restarted between its end and the speaker's stop, and never heard what was heard."""
+    client, first, second = _spoken_over(run_listener, make_client, two_questions)
+    client.publish(LlmDone(finish_reason="stop", sentences=0), turn=second)
+    client.publish(LlmDone(finish_reason="stop", sentences=2), turn=first)  # the thinker's end, no speaker's
+    again = wait_for(client, lambda e: e.turn == first and e.kind in ("asr.final", "ctl.interrupt"), timeout=10)
+    assert again.kind == "ctl.interrupt"  # not the question again: the speaker is asked how it ended
+    # The speaker's stop came after the thinker's end: that thinker may have restarted since and missed
+    # it, so its end is asked for again at once (the speaker repeats its stop to every end of the turn).
+    client.publish(TurnMetrics(timings={}, outcome="interrupted"), turn=first)
+    wait_for(client, lambda e: e.turn == first and e.kind == "asr.final", timeout=2)
+    client.publish(LlmDone(finish_reason="stop", sentences=2, replay=True), turn=first)
+    shutdown = wait_for(client, lambda e: e.kind == "ctl.shutdown", timeout=10)
+    assert shutdown.body.reason == "input ended" and not shutdown.body.failed

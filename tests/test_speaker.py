@@ -219,3 +219,32 @@ def test_latencies_derive_the_spans():
     assert out["first_sentence_s"] == pytest.approx(0.3) and out["first_audio_s"] == pytest.approx(0.2)
     ask = latencies({"request": 5.0, "first_sentence": 5.5, "first_audio": 5.7})
     assert ask["first_sentence_s"] == pytest.approx(0.5) and ask["request_to_audio_s"] == pytest.approx(0.7)
+
+
+def test_an_interrupt_stops_a_turn_not_heard_of_yet_and_is_answered_with_its_end(speaker, make_client):
+    """Found by scripts/chaos.py: a speaker restarting while an answer went out never heard of the turn, the
+    user spoke over it, and the history said the whole answer was heard. Now the interrupt stops the turn
+    here whatever this speaker knows, its end is said again to whoever interrupts again (the listener, until
+    it hears it) and with the turn's llm.done (a thinker that took the turn late), and nothing of it plays."""
+    client = make_client("test", subscribe=("play.", "metrics.", "sys.ready"))
+    ready(client)
+    turn, finished = new_turn_id(), new_turn_id() + 1
+    client.publish(Interrupt(reason="barge-in"), turn=turn)
+    first = wait_for(client, lambda e: e.kind == "play.stopped" and e.turn == turn, timeout=10)
+    assert (first.body.index, first.body.spoken_ms, first.body.reason) == (0, 0, "barge-in")
+    client.publish(LlmSentence(text="It is noon.", index=0, replay=True), turn=turn)
+    client.publish(LlmDone(finish_reason="stop", sentences=1, replay=True), turn=turn)
+    seen = []
+    again = wait_for(client, lambda e: seen.append(e) or (e.kind == "play.stopped" and e.turn == turn), timeout=10)
+    assert again.body == first.body
+    client.publish(Interrupt(reason="barge-in"), turn=turn)
+    assert wait_for(client, lambda e: seen.append(e) or e.kind == "play.stopped", timeout=10).body == first.body
+    # A turn played to the end and interrupted afterwards: its end is said again.
+    client.publish(LlmSentence(text="Done.", index=0), turn=finished)
+    client.publish(LlmDone(finish_reason="stop", sentences=1), turn=finished)
+    wait_for(client, lambda e: seen.append(e) or (e.kind == "metrics.turn" and e.turn == finished), timeout=30)
+    client.publish(Interrupt(reason="barge-in"), turn=finished)
+    metrics = wait_for(client, lambda e: seen.append(e) or (e.kind.startswith(("metrics.", "play.stopped"))
+                                                           and e.turn == finished), timeout=10)
+    assert metrics.kind == "metrics.turn" and metrics.body.outcome == "done"
+    assert not [e for e in seen if e.kind == "play.start" and e.turn == turn], "a stopped turn played"

@@ -43,6 +43,7 @@ from voicebus.workers.kinds import (
 )
 from voicebus.workers.listener_progress import Progress, ProgressFile, run_key
 from voicebus.workers.redelivery import ANSWER_KINDS, Redelivery
+from voicebus.workers.turnlog import BARGE_IN
 from voicebus.workers.turn_end import EndOfTurn
 from voicebus.workers.vad import Endpointer
 from voicebus.workers.vad_frames import open_classifier
@@ -72,9 +73,11 @@ class Listener(Actor):
         """utterance number → its end, the wall-clock time it was reported, and when the speech stopped"""
         self._speaking: int | None = None
         self._barged: set[int] = set()
-        """pending turns the user spoke over: they end with the thinker's llm.done, whatever the speaker says"""
+        """pending turns the user spoke over: they end with both the thinker's and the speaker's word (_turn_end)"""
         self._answered: set[int] = set()
-        """pending turns whose llm.done came: the thinker has all of them"""
+        """pending turns whose llm.done came: the thinker has ended them"""
+        self._stopped: set[int] = set()
+        """pending turns the speaker has ended (metrics.turn, play.stopped)"""
         self._eof_at: float | None = None
         self._last_turn = 0
         self._thread: threading.Thread | None = None
@@ -137,34 +140,59 @@ class Listener(Actor):
         with self._lock:
             if self._speaking == env.turn:
                 self._speaking = None
-            if env.turn in self._barged:
-                # The speaker stopped it, but the thinker may never have heard of it (it was down, or the
-                # utterance was lost with the bus): offered until the thinker ends it, no turn goes unrecorded.
-                return
-        self._finished(env.turn)
+        self._turn_end(env.turn, speaker=True)
 
     @handles(*ANSWER_KINDS, "play.done", "play.stopped")
     def on_news(self, env: Envelope) -> None:
         self.redelivery.heard(env.turn, env.kind, time.monotonic())
         body = env.body
-        if isinstance(body, LlmDone):
-            if body.finish_reason == "revoked":
-                return  # the end of an answer prepared for a guess, not of the turn
-            with self._lock:
-                barged = env.turn in self._barged
-                if env.turn in self.redelivery:
-                    self._answered.add(env.turn)
-            if body.sentences == 0 or barged:
-                self._finished(env.turn)  # nothing (more) to play: the thinker's word is the end
+        if isinstance(body, LlmDone) and body.finish_reason != "revoked":  # (revoked: a guess's answer dropped)
+            self._turn_end(env.turn, thinker=True, nothing_to_play=body.sentences == 0)
+        elif env.kind == "play.stopped":
+            self._turn_end(env.turn, speaker=True)
         elif env.kind == "llm.accepted" and env.turn in self._barged:
             # Accepted by a thinker that may not have heard the barge-in (it came while it was down):
             # it is said again, so the turn ends cancelled instead of being answered to nobody.
-            self.bus.publish(Interrupt(reason="barge-in"), turn=env.turn)
+            self.bus.publish(Interrupt(reason=BARGE_IN), turn=env.turn)
+
+    def _turn_end(self, turn: int, *, thinker: bool = False, speaker: bool = False,
+                  nothing_to_play: bool = False) -> None:
+        """The thinker's or the speaker's end of a pending turn; finished when it has what it needs.
+
+        A turn ends with the speaker's word (its metrics: the answer was played), or the thinker's when
+        there is nothing to play. A turn the user spoke over needs both: the thinker's, so that no
+        utterance goes unrecorded (it may have been down when the interrupt came), and the speaker's, so
+        that what was heard is known (a speaker that restarted meanwhile never heard of the turn) — and
+        the thinker's must come after the speaker's: a thinker that restarted between its end and the
+        stop never heard what was heard. Offered again, the utterance brings the thinker's end again,
+        and with it the speaker's stop again (the speaker says it to every end of a turn it stopped).
+        """
+        again = None
+        with self._lock:
+            if turn not in self.redelivery:
+                return
+            barged = turn in self._barged
+            if speaker and barged and turn in self._answered and turn not in self._stopped:
+                self._answered.discard(turn)
+                again = self.redelivery.pending().get(turn)
+            if speaker:
+                self._stopped.add(turn)
+            if thinker:
+                self._answered.add(turn)
+            if barged:
+                over = turn in self._answered and turn in self._stopped
+            else:
+                over = speaker and not thinker or nothing_to_play
+        if over:
+            self._finished(turn)
+        elif again is not None:
+            self.bus.publish(again, turn=turn)
 
     def _finished(self, turn: int) -> None:
         with self._lock:
             self._barged.discard(turn)
             self._answered.discard(turn)
+            self._stopped.discard(turn)
         if turn in self.redelivery:
             self.redelivery.finished(turn)
             self._save_progress()
@@ -172,7 +200,10 @@ class Listener(Actor):
     def tick(self) -> None:
         now = time.monotonic()
         for turn, body in self.redelivery.due(now):
-            self.bus.publish(body, turn=turn)
+            with self._lock:
+                spoken_over = turn in self._barged and turn in self._answered
+            # A spoken-over turn the thinker has ended waits only for the speaker to say it stopped.
+            self.bus.publish(Interrupt(reason=BARGE_IN) if spoken_over else body, turn=turn)
         if self._eof_at is None:
             return
         if not len(self.redelivery):
@@ -213,6 +244,8 @@ class Listener(Actor):
                 if publish_audio:
                     self.bus.publish(AudioIn(pcm=frame, rate=RATE), turn=self._last_turn)
                 self.hearing.feed(frame)
+            if self.stopping:
+                return  # stopped (close() ends the source): the input did not end, and nothing is drained
             # The input ended: silence lets an utterance in progress end the usual way.
             while self.hearing.in_speech and not self.stopping:
                 self.hearing.feed(SILENCE)
@@ -259,9 +292,9 @@ class Listener(Actor):
             # assistant talks is most likely the assistant itself, so it is not a turn.
             self.hearing.ignore_current()
             return
+        self._barge(interrupted)  # before the interrupts: the speaker's answer to them must find it so
         for old in interrupted:
-            self.bus.publish(Interrupt(reason="barge-in"), turn=old)
-        self._barge(interrupted)
+            self.bus.publish(Interrupt(reason=BARGE_IN), turn=old)
         # Turns still being transcribed are open too: their answers must not play over this one.
         self._cut_short.update(self._turns.values())
         turn = new_turn_id()
@@ -307,19 +340,15 @@ class Listener(Actor):
         self.bus.publish(body, turn=turn)
         if turn in self._cut_short:  # the user spoke again while this was being transcribed
             self._cut_short.discard(turn)
-            self.bus.publish(Interrupt(reason="barge-in"), turn=turn)
             self._barge([turn])
+            self.bus.publish(Interrupt(reason=BARGE_IN), turn=turn)
 
     def _barge(self, turns: list[int]) -> None:
-        """The user spoke over these turns: those the thinker has finished are over, the rest end with its
-        llm.done (which the interrupt makes come soon)."""
+        """The user spoke over these turns (the interrupt is sent): see ``_turn_end`` for when they are over."""
         with self._lock:
             pending = [turn for turn in turns if turn in self.redelivery]
-            over = [turn for turn in pending if turn in self._answered]
-            self._barged.update(turn for turn in pending if turn not in self._answered)
-        for turn in over:
-            self._finished(turn)
-        if pending and not over:
+            self._barged.update(pending)
+        if pending:
             self._save_progress()
 
     def _save_progress(self) -> None:

@@ -2,7 +2,7 @@
 
 * The utterances it sent and whose turns are not finished: a new listener goes
   on offering them, so none is lost between the old listener's death and the
-  thinker's acknowledgement.
+  thinker's acknowledgement; and which of them the user spoke over (barge-in).
 * For a file input, how far into the file every utterance was handled: a new
   listener resumes reading there instead of asking the file's questions again.
   Audio of an utterance that was still being spoken is read again, so it is
@@ -37,6 +37,8 @@ class Progress:
     """utterances the voice activity detector found"""
     pending: dict[str, dict] = field(default_factory=dict)
     """turn id (as text) → the asr.final body sent for it"""
+    barged: list[int] = field(default_factory=list)
+    """pending turns the user spoke over (they end with both the thinker's and the speaker's word)"""
 
 
 def run_key(input_spec: str) -> str:

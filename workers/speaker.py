@@ -12,10 +12,15 @@ replay after a failure) is dropped, a sentence that arrives early waits for
 the ones before it, and a gap that does not fill — lost with a bus that died,
 or a speaker that restarted mid-turn — is asked for again with ``llm.resend``.
 A replayed sentence marked ``played`` was heard before this speaker started and
-is skipped. Turns play in the order they arrive; only ``ctl.interrupt`` stops one.
+is skipped. Turns play in the order they arrive; only ``ctl.interrupt`` stops one
+(even one this speaker has not heard of yet), and an interrupt of a turn that
+ended already is answered with that end again (``play.stopped`` or
+``metrics.turn``), so an interrupter that missed it hears it.
 
 A turn is finished when all its sentences (``llm.done`` says how many) are
-played; then ``metrics.turn`` carries the stage timestamps.
+played; then ``metrics.turn`` carries the stage timestamps. A turn stopped
+(``play.stopped``) says so again when its ``llm.done`` comes: a thinker that
+took the turn only after the stop learns what was heard.
 
 Speculation: sentences marked with a ``guess`` answer a transcript nobody has
 confirmed yet. They are synthesized at once but their audio is *held*. The
@@ -82,7 +87,8 @@ class Turn:
     """indexes played (or skipped as played before)"""
     stopped: bool = False
     stop_reason: str = ""
-    stop_reported: bool = False
+    stop_report: PlayStopped | None = None
+    """what play.stopped said (said again to a thinker that ends the turn later)"""
     gap_since: float | None = None
     resent_at: float = 0.0
     timings: dict[str, float] = field(default_factory=dict)
@@ -262,6 +268,11 @@ class Speaker(Actor):
             if not state.confirmed:
                 self._confirm(state)
             state.expected = env.body.sentences
+            if state.stop_report is not None:
+                # The thinker ends a turn this speaker stopped: it may have taken the turn only after the
+                # stop (it was down), so it hears again what was heard, for the history.
+                self.bus.publish(state.stop_report, turn=state.turn)
+                return
             self._advance(state)
             self._maybe_finish(state)
 
@@ -269,7 +280,19 @@ class Speaker(Actor):
     def on_interrupt(self, env: Envelope) -> None:
         reason = getattr(env.body, "reason", "") or "interrupted"
         with self._lock:
-            for state in [t for t in self._turns.values() if env.turn in (0, t.turn)]:
+            if env.turn == 0:  # everything playing or waiting
+                for state in list(self._turns.values()):
+                    self._stop_turn(state, reason)
+                return
+            # One turn, known or not: an interrupt can overtake the turn's first message (it is urgent), and
+            # a speaker that restarted never heard of it. Either way it is stopped here now, and whoever
+            # interrupts it again (the listener, until it hears) is told again how it ended.
+            state = self._turn(env.turn)
+            if state.stop_report is not None:
+                self.bus.publish(state.stop_report, turn=state.turn)
+            elif "metrics_sent" in state.timings:
+                self.bus.publish(TurnMetrics(timings=latencies(state.timings), outcome="done"), turn=state.turn)
+            else:
                 self._stop_turn(state, reason)
 
     def tick(self) -> None:
@@ -332,12 +355,10 @@ class Speaker(Actor):
 
     def _report_stop(self, state: Turn, index: int, spoken_ms: int, total_ms: int, reason: str) -> None:
         """play.stopped and the turn's metrics, once per turn."""
-        if state.stop_reported:
+        if state.stop_report is not None:
             return
-        state.stop_reported = True
-        self.bus.publish(
-            PlayStopped(index=index, reason=reason, spoken_ms=spoken_ms, total_ms=total_ms), turn=state.turn
-        )
+        state.stop_report = PlayStopped(index=index, reason=reason, spoken_ms=spoken_ms, total_ms=total_ms)
+        self.bus.publish(state.stop_report, turn=state.turn)
         self.bus.publish(TurnMetrics(timings=latencies(state.timings), outcome="interrupted"), turn=state.turn)
 
     def _is_stopped(self, turn: int) -> bool:

@@ -30,6 +30,9 @@ VOICE = "voice"
 """Delivered as audio: the history keeps what was heard (cut at a barge-in)."""
 TEXT = "text"
 """Delivered as text to the asker: the history keeps the whole answer."""
+BARGE_IN = "barge-in"
+"""The reason of an interrupt sent because the user spoke over the assistant. It ends voice turns; a text
+turn's answer belongs to its asker, so a barge-in stops only its audio (the speaker's business)."""
 
 
 @dataclass(frozen=True)
