@@ -68,8 +68,7 @@ def up(input_: str | None, output: str | None, fast: bool | None, asr: str | Non
         audio__input=input_, audio__output=output, audio__fast=fast, asr__backend=asr, llm__backend=llm,
         tts__backend=tts, vad__barge_in=barge_in,
     )
-    if record_path is not None and settings.audio.input.strip().lower() != "bus":
-        # The recording needs the user's voice; from the bus (a replay, a remote mic) it is there already.
+    if record_path is not None:  # the recording holds the user's voice and the assistant's
         settings = replace(settings, audio=replace(settings.audio, publish_audio=True))
     preflight(settings, only)
     if start_bus is None:

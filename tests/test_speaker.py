@@ -248,3 +248,23 @@ def test_an_interrupt_stops_a_turn_not_heard_of_yet_and_is_answered_with_its_end
                                                            and e.turn == finished), timeout=10)
     assert metrics.kind == "metrics.turn" and metrics.body.outcome == "done"
     assert not [e for e in seen if e.kind == "play.start" and e.turn == turn], "a stopped turn played"
+
+
+def test_with_publish_audio_the_played_voice_goes_on_the_bus_as_it_was_played(run_actor, make_client, tmp_path):
+    """audio.out, for recorders (`up --record`, `show --export-audio`): the blocks the sink was given."""
+    wav = tmp_path / "out.wav"
+    run_actor(Speaker, **{"audio.output": str(wav), "audio.publish_audio": True})
+    client = make_client("test", subscribe=("play.", "metrics.", "audio.out", "sys.ready"))
+    ready(client)
+    turn = new_turn_id()
+    for index, text in enumerate(["Hello there.", "Goodbye."]):
+        client.publish(LlmSentence(text=text, index=index), turn=turn)
+    client.publish(LlmDone(finish_reason="stop", sentences=2), turn=turn)
+    seen = []
+    wait_for(client, lambda e: seen.append(e) or e.kind == "metrics.turn", timeout=60)
+    blocks = [e for e in seen if e.kind == "audio.out"]
+    assert {e.turn for e in blocks} == {turn} and [e.body.index for e in blocks] == sorted(e.body.index for e in blocks)
+    assert {e.body.index for e in blocks} == {0, 1}
+    pcm, rate = read_wav(wav)  # read_wav gives 16 kHz: compare durations
+    played_s = sum(len(e.body.pcm) for e in blocks) / 2 / blocks[0].body.rate
+    assert played_s > 0.5 and abs(played_s - len(pcm) / 2 / rate) < 0.05

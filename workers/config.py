@@ -26,7 +26,7 @@ class AudioSettings:
     input_device: str = ""
     output_device: str = ""
     publish_audio: bool = False
-    """also publish every input frame as audio.in (for taps and recorders)"""
+    """also publish every input frame as audio.in and every block played as audio.out (for recorders)"""
 
 
 @dataclass(frozen=True)

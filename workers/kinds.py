@@ -38,6 +38,17 @@ class AudioIn(Body, kind="audio.in"):
 
 
 @dataclass(frozen=True, kw_only=True)
+class AudioOut(Body, kind="audio.out"):
+    """One block of the assistant's voice as it was played (sentence ``index`` of the turn), raw PCM."""
+
+    pcm: bytes
+    rate: int
+    index: int
+    width: int = 2
+    channels: int = 1
+
+
+@dataclass(frozen=True, kw_only=True)
 class AudioEnd(Body, kind="audio.end"):
     """The listener's input ended (a WAV file ran out); ``last_turn`` is its final turn (0 if none)."""
 

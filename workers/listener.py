@@ -26,7 +26,7 @@ from voicebus.engine.client import BusClient
 from voicebus.engine.errors import VoicebusError
 from voicebus.engine.messages import Envelope, Error, Interrupt, Shutdown, new_turn_id
 from voicebus.workers import backends
-from voicebus.workers.audio import FRAME_BYTES, RATE, open_source
+from voicebus.workers.audio import FRAME_BYTES, RATE, is_bus_input, open_source
 from voicebus.workers.config import Settings
 from voicebus.workers.hearing import Ended, Event, Final, Guess, Hearing, NoMatch, Partial, Revoked, SpeechStarted
 from voicebus.workers.kinds import (
@@ -236,7 +236,8 @@ class Listener(Actor):
 
     def _listen(self) -> None:
         assert self.source is not None and self.hearing is not None
-        publish_audio = self.settings.audio.publish_audio
+        # Audio read from the bus (--input bus) is there already: published again, it would be heard twice.
+        publish_audio = self.settings.audio.publish_audio and not is_bus_input(self.settings.audio.input)
         try:
             for frame in self.source:
                 if self.stopping:

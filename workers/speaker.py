@@ -49,6 +49,7 @@ from voicebus.workers.kinds import (
     AsrFinal,
     AsrGuess,
     AsrRevoke,
+    AudioOut,
     LlmDone,
     LlmResend,
     LlmSentence,
@@ -426,7 +427,9 @@ class Speaker(Actor):
 
     def _playback_loop(self) -> None:
         assert self.sink is not None and self.synth is not None
-        block = self.synth.sample_rate * 2 * BLOCK_MS // 1000
+        rate = self.synth.sample_rate
+        block = rate * 2 * BLOCK_MS // 1000
+        publish_audio = self.settings.audio.publish_audio  # for recorders: the voice as it was played
         played_bytes = received_bytes = 0
         while (chunk := self._chunks.get()) is not None:
             key = (chunk.turn, chunk.index)
@@ -445,7 +448,10 @@ class Speaker(Actor):
                 if self._is_stopped(chunk.turn):
                     self._playback_stopped(chunk, played_bytes, received_bytes)
                     break
-                self.sink.write(chunk.pcm[start : start + block])
+                pcm = chunk.pcm[start : start + block]
+                self.sink.write(pcm)
+                if publish_audio:
+                    self.bus.publish(AudioOut(pcm=pcm, rate=rate, index=chunk.index), turn=chunk.turn)
                 played_bytes += min(block, len(chunk.pcm) - start)
 
     def _on_start(self, chunk: Chunk) -> None:

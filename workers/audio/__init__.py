@@ -47,6 +47,7 @@ __all__ = [
     "WavSink",
     "WavSource",
     "open_sink",
+    "is_bus_input",
     "open_source",
     "read_audio",
     "read_wav",
@@ -96,6 +97,11 @@ def _device_spec(spec: str, word: str) -> tuple[bool, str | None]:
     return True, (device.strip() or None) if sep else None
 
 
+def is_bus_input(spec: str) -> bool:
+    """The input is audio.in from another process on the bus (a remote mic, voicebus replay)."""
+    return spec.strip().lower() == "bus"
+
+
 def open_source(spec: str, *, realtime: bool, start_ms: int = 0) -> AudioSource | None:
     """Open the audio input named by ``spec`` (see ``SOURCE_FORMS``); None for 'none'.
 
@@ -109,7 +115,7 @@ def open_source(spec: str, *, realtime: bool, start_ms: int = 0) -> AudioSource 
     spec = spec.strip()
     if spec.lower() == "none":
         return None
-    if spec.lower() == "bus":  # audio.in from another process on the bus (a remote mic, voicebus replay)
+    if is_bus_input(spec):
         from .bus_source import BusSource
 
         return BusSource.from_environment()
