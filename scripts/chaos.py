@@ -488,30 +488,6 @@ def _clean_env(**extra: str) -> dict[str, str]:
 
 # --- floods and fuzz --------------------------------------------------------------------------
 
-FLOODER = r"""
-import sys, time, msgpack, zmq
-address, seconds, rate, topics = sys.argv[1], float(sys.argv[2]), int(sys.argv[3]), sys.argv[4].split(",")
-ctx = zmq.Context()
-pub = ctx.socket(zmq.PUB)
-pub.setsockopt(zmq.SNDHWM, 1_000_000)
-pub.connect(address)
-time.sleep(0.3)  # not readiness: a flood that starts 0.3 s late is the same flood
-frames = [(topic.encode(), msgpack.packb({"v": 1, "kind": topic, "src": "flood@host:1", "seq": 1, "ts": time.time(),
-                                          "session": "default", "turn": 0, "body": {"reason": "flood " * 10}}))
-          for topic in topics]
-sent, start = 0, time.monotonic()
-end = start + seconds
-while (now := time.monotonic()) < end:
-    due = int((now - start) * rate)
-    while sent < due:
-        topic, payload = frames[sent % len(frames)]
-        pub.send(topic, zmq.SNDMORE)
-        pub.send(payload)
-        sent += 1
-    time.sleep(0.001)
-print(sent, round(time.monotonic() - start, 2), flush=True)
-pub.close(linger=0)
-"""
 
 FUZZ_TOPICS = {
     "ctl.ask": {"text": "hello"},
@@ -555,7 +531,7 @@ def flood(stack: Stack, recorder: Recorder, endpoints: Endpoints, seconds: float
     before = {name: rss_mb(pid) or 0.0 for name, pid in pids.items()}
     peak = dict(before)
     mark = recorder.mark()
-    proc = subprocess.Popen([sys.executable, "-c", FLOODER, endpoints.publish, str(seconds), str(rate),
+    proc = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "flood.py"), endpoints.publish, str(seconds), str(rate),
                              ",".join(FLOOD_TOPICS)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + seconds + 30
     while proc.poll() is None and time.monotonic() < deadline:

@@ -9,7 +9,6 @@ flooded worker grow by ~160 MB and keep it. With no ZMTP heartbeats and queues o
 from __future__ import annotations
 
 import subprocess
-import sys
 import threading
 import time
 
@@ -19,7 +18,7 @@ import pytest
 from voicebus.engine.bus import Endpoints
 from voicebus.engine.messages import Heartbeat
 
-from support.procs import WORKER_NAMES, ask, poll
+from support.procs import FLOOD, WORKER_NAMES, ask, poll
 
 pytestmark = pytest.mark.slow
 
@@ -44,29 +43,6 @@ BUS_GROWTH_MB = 8 * QUEUE_MB + 24
 batches, the I/O thread's malloc arena; measured +64 to +117 MB in all), so twice each, plus slack."""
 
 
-FLOODER = r"""
-import sys, time, msgpack, zmq
-address, seconds, rate, topics = sys.argv[1], float(sys.argv[2]), int(sys.argv[3]), sys.argv[4].split(",")
-ctx = zmq.Context()
-pub = ctx.socket(zmq.PUB)
-pub.setsockopt(zmq.SNDHWM, 1_000_000)  # the flooder's own queue is not under test
-pub.connect(address)
-frames = [(topic.encode(), msgpack.packb({"v": 1, "kind": topic, "src": "flood@host:1", "seq": 1, "ts": time.time(),
-                                          "session": "default", "turn": 0, "body": {"reason": "flood " * 10}}))
-          for topic in topics]
-sent, start = 0, time.monotonic()
-end = start + seconds
-while (now := time.monotonic()) < end:
-    due = int((now - start) * rate)
-    while sent < due:
-        topic, payload = frames[sent % len(frames)]
-        pub.send(topic, zmq.SNDMORE)
-        pub.send(payload)
-        sent += 1
-    time.sleep(0.001)
-print(sent, round(time.monotonic() - start, 2), flush=True)
-pub.close(linger=0)
-"""
 
 
 def rss_mb(pid: int) -> float:
@@ -123,7 +99,7 @@ def test_flood_leaves_every_worker_on_its_first_pid_with_bounded_memory(launcher
     mark = watcher.mark()
 
     peaks = PeakRss(everyone)
-    flooder = subprocess.run([sys.executable, "-c", FLOODER, Endpoints.parse(url).publish, str(FLOOD_S), str(RATE),
+    flooder = subprocess.run([*FLOOD, Endpoints.parse(url).publish, str(FLOOD_S), str(RATE),
                               TOPICS], capture_output=True, text=True, timeout=FLOOD_S + 30)
     assert flooder.returncode == 0, flooder.stderr
     sent, took = flooder.stdout.split()

@@ -11,14 +11,13 @@ dropped heartbeat, so it judges nobody until the echo is prompt again.
 from __future__ import annotations
 
 import subprocess
-import sys
 
 import pytest
 
 from voicebus.engine.bus import Endpoints
 from voicebus.engine.health import FRESH_S, HealthMonitor
 
-from support.procs import WORKER_NAMES, ask, poll
+from support.procs import FLOOD, WORKER_NAMES, ask, poll
 
 # --- the rule, on a fake clock ---------------------------------------------------------------
 
@@ -52,27 +51,6 @@ def test_no_traffic_at_all_is_still_a_hung_bus():
 
 # --- a real flood through a real voicebus up ---------------------------------------------------
 
-FLOODER = r"""
-import sys, time, msgpack, zmq
-address, seconds, rate, topics = sys.argv[1], float(sys.argv[2]), int(sys.argv[3]), sys.argv[4].split(",")
-pub = zmq.Context().socket(zmq.PUB)
-pub.setsockopt(zmq.SNDHWM, 1_000_000)
-pub.connect(address)
-time.sleep(0.3)  # a flood that starts a little late is the same flood
-frames = [(t.encode(), msgpack.packb({"v": 1, "kind": t, "src": "flood@host:1", "seq": 1, "ts": time.time(),
-                                      "session": "default", "turn": 0, "body": {"reason": "flood " * 10}}))
-          for t in topics]
-sent, start = 0, time.monotonic()
-while (now := time.monotonic()) < start + seconds:
-    while sent < int((now - start) * rate):
-        topic, payload = frames[sent % len(frames)]
-        pub.send(topic, zmq.SNDMORE)
-        pub.send(payload)
-        sent += 1
-    time.sleep(0.001)
-print(sent, flush=True)
-pub.close(linger=0)
-"""
 
 
 @pytest.mark.slow
@@ -89,7 +67,7 @@ def test_a_flood_of_the_supervisors_and_an_askers_kinds_restarts_nothing_and_ask
     workers, bus = up.worker_pids(), up.bus_pid()
     mark = watcher.mark()
     flooder = subprocess.Popen(
-        [sys.executable, "-c", FLOODER, Endpoints.parse(url).publish, "12", "150000",
+        [*FLOOD, Endpoints.parse(url).publish, "12", "150000",
          "sys.flood,ctl.shutdown.flood,llm.token.flood"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         result = ask(url, "Still there?", tmp_path, timeout=60)  # asked while the flood runs (12 s)

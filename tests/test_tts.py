@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from voicebus.engine.errors import BackendError, ConfigError, ModelError
+from voicebus.engine.errors import BackendError, ModelError
 from voicebus.workers.tts.piper import PiperSynthesizer, find_default_voice
 
 TEN_WORDS = "The quick brown fox jumps over the lazy sleeping dog."

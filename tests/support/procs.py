@@ -28,6 +28,10 @@ from voicebus.engine.messages import Envelope, Heartbeat, Hello
 WORKER_NAMES = ("listener", "thinker", "speaker")
 
 
+FLOOD = [sys.executable, str(Path(__file__).resolve().parents[2] / "scripts" / "flood.py")]
+"""``scripts/flood.py``: FLOOD + [publish address, seconds, rate, "kind,kind"] prints "SENT SECONDS"."""
+
+
 def clean_env(state_dir: Path, **extra: str) -> dict[str, str]:
     """This environment without any VOICEBUS_* setting, plus a private state dir and ``extra``."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("VOICEBUS_")}
