@@ -303,6 +303,28 @@ def test_a_void_guess_is_cancelled_and_never_remembered(thinker, make_client, tm
     assert [text for t, role, text in history(tmp_path) if role == "user"] == ["What is the capital of Peru?"]
 
 
+
+def test_a_thinker_restarted_between_guess_and_commit_answers_the_final_once(thinker, make_client, tmp_path):
+    """The guess dies with the thinker that prepared it (guesses are never written down); the new thinker
+    answers the confirmed final from scratch, and only that answer is sent, played and remembered."""
+    client = make_client("test", subscribe=("llm.", "sys.ready", "sys.bye"))
+    first = thinker("count-guessdeath-3")
+    ready(client)
+    turn = new_turn_id()
+    client.publish(AsrGuess(text="Count to three.", rev=1, offset_ms=900), turn=turn)
+    wait_for(client, lambda e: e.kind == "llm.sentence" and e.turn == turn and e.body.guess == 1, timeout=10)
+    first.stop("gone between guess and commit")
+    wait_for(client, lambda e: e.kind == "sys.bye", timeout=10)
+    thinker("count-guessdeath-3")
+    ready(client)
+    client.publish(AsrFinal(text="Count to three.", guess=1), turn=turn)
+    seen = until_done(client, turn)
+    assert seen[-1].body.finish_reason == "stop" and seen[-1].body.sentences == 3 and not seen[-1].body.guess
+    said = [(e.body.index, e.body.text) for e in seen if e.kind == "llm.sentence"]
+    assert said == [(0, "One."), (1, "Two."), (2, "Three.")] and not any(e.body.guess for e in seen
+                                                                         if e.kind == "llm.sentence")
+    assert history(tmp_path) == [(turn, "user", "Count to three."), (turn, "assistant", "One. Two. Three.")]
+
 # --- found by scripts/chaos.py ---------------------------------------------------------------------
 
 
