@@ -348,12 +348,19 @@ class Speech:
         self._resampler = Resampler(self._piper.sample_rate, RATE)
 
     def say(self, text: str, voice: str) -> bytes:
+        """``text`` spoken, without the silence voices put before and after speech: a pause placed between
+        two clips is then the pause the listener hears (piper and espeak-ng each add a few hundred ms)."""
         if voice == "piper":
             pcm = b"".join(self._resampler.process(c) for c in self._piper.synthesize(text)) + self._resampler.flush()
-            return pcm[: len(pcm) - len(pcm) % 2]
-        espeak = subprocess.run(["espeak-ng", "-v", voice, "-s", "160", "--stdout", text], capture_output=True, check=True)
-        sox = subprocess.run(["sox", "-V1", "-t", "wav", "-", "-r", str(RATE), "-b", "16", "-c", "1", "-t", "raw", "-"],
-                             input=espeak.stdout, capture_output=True, check=True)
+            clip = ["-t", "raw", "-r", str(RATE), "-e", "signed", "-b", "16", "-c", "1", "-"]
+            spoken = pcm[: len(pcm) - len(pcm) % 2]
+        else:
+            clip = ["-t", "wav", "-"]
+            spoken = subprocess.run(["espeak-ng", "-v", voice, "-s", "160", "--stdout", text], capture_output=True,
+                                    check=True).stdout
+        trim = ["silence", "1", "0.01", "-50d", "reverse", "silence", "1", "0.01", "-50d", "reverse"]
+        sox = subprocess.run(["sox", "-V1", *clip, "-r", str(RATE), "-b", "16", "-c", "1", "-t", "raw", "-", *trim],
+                             input=spoken, capture_output=True, check=True)
         return sox.stdout
 
     def close(self) -> None:

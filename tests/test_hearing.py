@@ -155,8 +155,9 @@ def test_completeness_of_what_was_said():
     assert completeness("What is the capital of France?") == "complete"
     assert completeness("Turn off the lights.") == "complete"
     for text in ("Set a timer for", "What is the capital of.", "Remind me to call my", "Twenty", "and then,",
-                 "I want to...", "Add eggs and"):
+                 "I want to...", "Add eggs and", "Set a timer for 20.", "What is 300?"):
         assert completeness(text) == "incomplete", text
+    assert completeness("What is 2 plus 24?") == completeness("Wake me at 7.") == "complete"  # digits that end it
     assert completeness("") == completeness("Hello") == "unknown"
     windows = EndOfTurn(base_ms=500, complete_ms=300, incomplete_ms=1400)
     assert windows.window_ms("Where is Peru?") == 300

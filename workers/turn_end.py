@@ -42,6 +42,8 @@ CONTINUES = frozenset(
 """Words after which an English request goes on."""
 
 _WORD = re.compile(r"[a-z0-9']+")
+_ROUND_NUMBER = re.compile(r"[2-9]0|[1-9]00|[1-9]000")
+"""Digits that may go on as "twenty…" does ("20" → "24"): recognizers write numbers as digits."""
 _TRAILING_OPEN = re.compile(r"(,|-|–|—|\.\.\.|…)\s*$")
 
 
@@ -51,7 +53,7 @@ def completeness(text: str) -> str:
     words = _WORD.findall(stripped.lower())
     if not words:
         return "unknown"
-    if _TRAILING_OPEN.search(stripped) or words[-1] in CONTINUES:
+    if _TRAILING_OPEN.search(stripped) or words[-1] in CONTINUES or _ROUND_NUMBER.fullmatch(words[-1]):
         return "incomplete"
     if stripped.endswith("?") or (stripped.endswith((".", "!")) and len(words) >= 2):
         return "complete"
