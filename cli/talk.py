@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Iterator
 
 import click
 
 from voicebus.cli.common import SettingsSource, bus_options, make_client
+from voicebus.engine.client import BusClient
 from voicebus.engine.messages import new_turn_id
 from voicebus.workers.kinds import Ask, LlmAccepted, LlmDone, LlmError, LlmResend, LlmSentence, Say, TurnMetrics
 from voicebus.workers.redelivery import Redelivery
@@ -17,21 +19,46 @@ ANSWER = ("llm.accepted", "llm.sentence", "llm.done", "llm.error")
 """The kinds ``ask`` reads."""
 
 
-class _Answer:
-    """The answer's sentences as they arrive, printed in order, each once (replays repeat some)."""
+def exchange(client: BusClient, text: str, turn: int, timeout: float) -> Iterator[LlmAccepted | str | LlmError | LlmDone]:
+    """The asker's side of one text turn on ``client`` (subscribed to ``ANSWER``).
 
-    def __init__(self) -> None:
-        self.sentences: dict[int, str] = {}
-        self.shown = 0
-
-    def add(self, index: int, text: str) -> None:
-        self.sentences.setdefault(index, text)
-        while self.shown in self.sentences:
-            click.echo(self.sentences[self.shown])
-            self.shown += 1
-
-    def complete(self, count: int) -> bool:
-        return self.shown >= count
+    Offers the question until the thinker accepts it, and again whenever the turn
+    goes quiet (``Redelivery``); yields what comes back: acceptances with a note,
+    the answer's sentences as text, in order and each once (replays repeat some),
+    errors, and last the ``llm.done``, once every sentence it counts was yielded
+    (missing ones are asked for again with ``llm.resend``). Ends without an
+    ``llm.done`` when none came within ``timeout`` seconds.
+    """
+    body = Ask(text=text)
+    redelivery = Redelivery()
+    sentences: dict[int, str] = {}
+    shown = 0
+    client.publish(body, turn=turn)
+    redelivery.sent(turn, body, time.monotonic())
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for again, repeat in redelivery.due(time.monotonic()):
+            client.publish(repeat, turn=again)
+        env = client.recv(timeout=0.2)
+        if env is None or env.turn != turn:
+            continue
+        redelivery.heard(turn, env.kind, time.monotonic())
+        reply = env.body
+        if isinstance(reply, LlmAccepted) and reply.note:
+            yield reply
+        elif isinstance(reply, LlmSentence):
+            sentences.setdefault(reply.index, reply.text)
+            while shown in sentences:
+                yield sentences[shown]
+                shown += 1
+        elif isinstance(reply, LlmError):
+            yield reply
+        elif isinstance(reply, LlmDone):
+            if shown < reply.sentences:  # some went missing: ask for them again
+                client.publish(LlmResend(from_index=shown), turn=turn)
+                continue
+            yield reply
+            return
 
 
 def _outcome(done: LlmDone, *, error_shown: bool) -> int:
@@ -68,10 +95,6 @@ def ask(text: str, timeout: float, source: SettingsSource) -> None:
     """Ask TEXT as if the user had said it; print the answer as it streams."""
     text = checked_text(text)
     settings = source.load()
-    turn = new_turn_id()
-    body = Ask(text=text)
-    redelivery = Redelivery()
-    answer = _Answer()
     notes: set[str] = set()
     error_shown = False
     with make_client(settings, "ask") as client:
@@ -79,29 +102,16 @@ def ask(text: str, timeout: float, source: SettingsSource) -> None:
         # would pass through this queue, and could hold up the hello that proves the connection.
         client.subscribe(*ANSWER)
         client.announce()
-        client.publish(body, turn=turn)
-        redelivery.sent(turn, body, time.monotonic())
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for again, repeat in redelivery.due(time.monotonic()):
-                client.publish(repeat, turn=again)
-            env = client.recv(timeout=0.2)
-            if env is None or env.turn != turn:
-                continue
-            redelivery.heard(turn, env.kind, time.monotonic())
-            reply = env.body
-            if isinstance(reply, LlmAccepted) and reply.note and reply.note not in notes:
+        for reply in exchange(client, text, new_turn_id(), timeout):
+            if isinstance(reply, str):
+                click.echo(reply)
+            elif isinstance(reply, LlmAccepted) and reply.note not in notes:
                 notes.add(reply.note)
                 click.echo(f"note: {reply.note}", err=True)
-            elif isinstance(reply, LlmSentence):
-                answer.add(reply.index, reply.text)
             elif isinstance(reply, LlmError):
                 click.echo(f"answer failed: {reply.code}: {reply.message}", err=True)
                 error_shown = True
             elif isinstance(reply, LlmDone):
-                if not answer.complete(reply.sentences):  # some went missing: ask for them again
-                    client.publish(LlmResend(from_index=answer.shown), turn=turn)
-                    continue
                 sys.exit(_outcome(reply, error_shown=error_shown))
     click.echo(f"no complete answer within {timeout:.0f} s (is a thinker running on {settings.bus.url}?)", err=True)
     sys.exit(1)

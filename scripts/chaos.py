@@ -55,13 +55,12 @@ from pathlib import Path
 import psutil
 import zmq
 
+from voicebus.cli.talk import ANSWER, exchange
 from voicebus.engine.bus import Endpoints, tune
 from voicebus.engine.client import BusClient
 from voicebus.engine.errors import ProtocolError
-from voicebus.cli.talk import ANSWER
 from voicebus.engine.messages import Envelope, decode, new_turn_id
-from voicebus.workers.kinds import Ask, LlmDone, LlmError, LlmResend, LlmSentence
-from voicebus.workers.redelivery import Redelivery
+from voicebus.workers.kinds import LlmDone, LlmError
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKERS = ("listener", "thinker", "speaker")
@@ -442,35 +441,16 @@ class TextAsker(threading.Thread):
 
     def _ask_client(self, asked: Asked) -> None:
         """What cli/talk.py's ask does, on a long-lived client."""
-        client = self.client
-        assert client is not None
-        turn = asked.turn = new_turn_id()
-        body = Ask(text=asked.text)
-        redelivery = Redelivery()
-        sentences: dict[int, str] = {}
+        assert self.client is not None
+        asked.turn = new_turn_id()
         error_shown = False
-        client.publish(body, turn=turn)
-        redelivery.sent(turn, body, time.monotonic())
-        deadline = time.monotonic() + self.timeout
-        while time.monotonic() < deadline:
-            for again, repeat in redelivery.due(time.monotonic()):
-                client.publish(repeat, turn=again)
-            env = client.recv(timeout=0.2)
-            if env is None or env.turn != turn:
-                continue
-            redelivery.heard(turn, env.kind, time.monotonic())
-            reply = env.body
-            if isinstance(reply, LlmSentence):
-                sentences.setdefault(reply.index, reply.text)
-                while len(asked.printed) in sentences:
-                    asked.printed.append(sentences[len(asked.printed)])
+        for reply in exchange(self.client, asked.text, asked.turn, self.timeout):
+            if isinstance(reply, str):
+                asked.printed.append(reply)
             elif isinstance(reply, LlmError):
                 error_shown = True
                 asked.stderr += f"answer failed: {reply.code}: {reply.message}\n"
             elif isinstance(reply, LlmDone):
-                if len(asked.printed) < reply.sentences:
-                    client.publish(LlmResend(from_index=len(asked.printed)), turn=turn)
-                    continue
                 ok = reply.finish_reason in ("stop", "length", "stop_phrase")
                 if not ok and not (reply.finish_reason == "error" and error_shown):
                     asked.stderr += f"no answer: {reply.finish_reason}: {reply.reason}\n"
