@@ -182,7 +182,7 @@ class Listener(Actor):
             if barged:
                 over = turn in self._answered and turn in self._stopped
             else:
-                over = speaker and not thinker or nothing_to_play
+                over = speaker or nothing_to_play
         if over:
             self._finished(turn)
         elif again is not None:
