@@ -622,7 +622,7 @@ class LlamaServer:
         self._log = self.log_path.open("w")
         gguf = find_smollm2_gguf()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1",
+            [sys.executable, "-m", "voicebus.workers.llm.serve", "--model", str(gguf), "--host", "127.0.0.1",
              "--port", str(self.port), "--n_ctx", str(ctx), "--n_threads", str(threads),
              "--n_threads_batch", str(threads)],
             stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,

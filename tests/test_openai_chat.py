@@ -342,13 +342,14 @@ def test_azure_401_names_the_azure_key(scripted) -> None:
 
 @pytest.fixture(scope="module")
 def llama_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """``python -m llama_cpp.server`` with SmolLM2-135M on a free port; its base URL."""
+    """llama.cpp's OpenAI-compatible server (``python -m voicebus.workers.llm.serve``: llama_cpp.server
+    with the embedded backend's repack decision, so it runs on AMX CPUs) with SmolLM2-135M; its base URL."""
     pytest.importorskip("llama_cpp.server.app", reason="llama-cpp-python[server] is not installed")
     port = free_port()
     log_path: Path = tmp_path_factory.mktemp("llama-server") / "server.log"
     with log_path.open("wb") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "llama_cpp.server", "--model", str(find_smollm2_gguf()),
+            [sys.executable, "-m", "voicebus.workers.llm.serve", "--model", str(find_smollm2_gguf()),
              "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "2048"],
             stdout=log, stderr=subprocess.STDOUT,
         )

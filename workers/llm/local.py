@@ -79,7 +79,7 @@ class LocalChat:
         _route_llama_logs()
         _start_collecting_load_errors()
         try:
-            with _model_defaults(use_extra_bufts=self.repack.use_extra_bufts):
+            with model_defaults(use_extra_bufts=self.repack.use_extra_bufts):
                 llm = Llama(
                     model_path=str(path),
                     n_ctx=context_tokens,
@@ -231,7 +231,7 @@ _defaults_lock = threading.Lock()
 
 
 @contextmanager
-def _model_defaults(*, use_extra_bufts: bool) -> Iterator[None]:
+def model_defaults(*, use_extra_bufts: bool) -> Iterator[None]:
     """While this block runs, llama's model parameter defaults say ``use_extra_bufts``.
 
     ``Llama(...)`` has no argument for it: its ``__init__`` fills
