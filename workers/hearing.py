@@ -98,6 +98,8 @@ class NoMatch:
     utterance: int
     reason: str
     guess: int = 0
+    error: VoicebusError | None = None
+    """the recognizer's failure, when that is why nothing was recognized (the listener reports it)"""
 
 
 Event = SpeechStarted | Partial | Guess | Revoked | Ended | Final | NoMatch
@@ -291,7 +293,7 @@ class Hearing:
         try:
             result = self.recognizer.end()  # type: ignore[union-attr]
         except VoicebusError as exc:
-            self.emit(NoMatch(utterance.number, f"error: {exc.code}: {exc}"))
+            self.emit(NoMatch(utterance.number, f"error: {exc.code}: {exc}", error=exc))
             return
         self._finalize(utterance, 0, result, time.perf_counter() - started)
 
@@ -351,7 +353,7 @@ class Hearing:
                 final = utterance.ended is not None and utterance.paused_rev == rev and not utterance.finalized
                 utterance.finalized |= final
             if final:
-                self.emit(NoMatch(utterance.number, f"error: {exc.code}: {exc}"))
+                self.emit(NoMatch(utterance.number, f"error: {exc.code}: {exc}", error=exc))
             return
         self._guessed(utterance, rev, result, time.perf_counter() - started)
 

@@ -327,6 +327,8 @@ class Listener(Actor):
             timings["silence_window_s"] = ended.silence_ms / 1000
             self._progress.resume_ms = max(self._progress.resume_ms, self._base_ms + ended.offset_ms)
         if isinstance(event, NoMatch):
+            if event.error is not None:  # a failing recognizer (a cloud service down) is said, not just counted
+                self.bus.report("listener.asr", event.error)
             self._cut_short.discard(turn)
             if guess_rev:
                 self.bus.publish(AsrRevoke(rev=guess_rev, reason="nothing recognized"), turn=turn)
