@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -284,7 +285,12 @@ def test_a_recorder_killed_mid_session_leaves_a_file_that_replays_on_another_asr
         # Connected long before the question is transcribed: the listener loads whisper first.
         watcher = launcher.watch(Endpoints.parse(url), "asr.final")
         watcher.wait(lambda e: e.kind == "asr.final", 120, "the question's transcript")
-        os.kill(recorder.pid, signal.SIGKILL)  # mid-session: the answer is still to come
+        # Killed once the transcript is on disk (the recorder writes what it hears a moment later than the
+        # watcher sees it), mid-session: the answer is still to come.
+        deadline = time.monotonic() + 10
+        while not any(True for _ in Recording(path).messages(kinds=("asr.final",))) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        os.kill(recorder.pid, signal.SIGKILL)
         recorder.wait(10)
         assert up.wait(120) == 0, up.stderr()
     finally:

@@ -7,7 +7,7 @@ import pytest
 
 from voicebus.engine.client import BusClient
 from voicebus.engine.messages import Interrupt, new_turn_id
-from voicebus.workers.kinds import Ask, PlayStopped
+from voicebus.workers.kinds import Ask, AsrFinal, PlayStopped
 from voicebus.workers.memory import Conversation
 from voicebus.workers.stop_phrases import StopPhrases, normalize
 from voicebus.workers.thinker import APOLOGY, Thinker, spoken_part
@@ -76,7 +76,8 @@ def test_interrupt_stops_generation_and_history_keeps_the_spoken_part(run_thinke
     run_thinker(max_tokens=200)
     ready(client)
     turn = new_turn_id()
-    client.publish(Ask(text="Tell me a long story about a dragon and a knight."), turn=turn)
+    # A spoken question: a barge-in ends a voice turn (a typed question's answer still goes to its asker whole).
+    client.publish(AsrFinal(text="Tell me a long story about a dragon and a knight."), turn=turn)
     first = wait_for(client, lambda e: e.kind == "llm.sentence" and e.turn == turn, timeout=60)
     client.publish(PlayStopped(index=0, reason="interrupted", spoken_ms=500, total_ms=1000), turn=turn)
     client.publish(Interrupt(reason="barge-in"), turn=turn)

@@ -36,10 +36,15 @@ def _piper_speech(texts: tuple[str, ...]) -> list[np.ndarray] | None:
     config = next((f for f in files if f.name.endswith(".onnx.json")), None)
     if onnx is None or config is None:
         return None
+    from piper import SynthesisConfig
+
     voice = PiperVoice.load(str(onnx.locate()), config_path=str(config.locate()))
+    # Without piper's noise the same text always sounds the same: with it, the pause at a comma varies from
+    # run to run, and now and then is long enough to split the utterance in two.
+    same_every_time = SynthesisConfig(noise_scale=0.0, noise_w_scale=0.0)
     clips = []
     for text in texts:
-        chunks = list(voice.synthesize(text))
+        chunks = list(voice.synthesize(text, syn_config=same_every_time))
         resampler = Resampler(chunks[0].sample_rate, RATE)
         pcm = b"".join(resampler.process(c.audio_int16_bytes) for c in chunks) + resampler.flush()
         clips.append(np.frombuffer(pcm, dtype="<i2"))
