@@ -1,6 +1,8 @@
 """Chaos campaign: kill -9 every process of a real ``voicebus up`` again and again, under load, and count.
 
-    python scripts/chaos.py [--kills 50] [--llm local|scripted] [--max-minutes 90] [--seed 1]
+    python scripts/chaos.py [--kills 50] [--llm local|scripted] [--max-minutes 120] [--seed 1]
+
+The default run takes about 30 minutes on 2 cores (the thinker's restarts, ~12 s each under load, dominate).
 
 One ``voicebus up`` on a private ipc bus, ``--output none`` (a real-time null sink: an
 answer takes its spoken time), its listener reading a long file of spoken questions
