@@ -17,6 +17,7 @@ engine's own (``sys.*``, ``sup.*``, ``ctl.*``) and the machinery.
 from __future__ import annotations
 
 import dataclasses
+import secrets
 import time
 import types
 import typing
@@ -206,8 +207,15 @@ def new_envelope(
 
 
 def new_turn_id() -> int:
-    """A turn id unique across processes, hosts and restarts: milliseconds since the epoch."""
-    return time.time_ns() // 1_000_000
+    """A turn id unique across processes, hosts and restarts, with no coordination.
+
+    Milliseconds since the epoch, times 1000, plus a random 0–999: ids still sort
+    by time, and two askers that start a turn in the same millisecond (on any
+    hosts) get the same id once in a thousand instead of every time — a shared
+    id would make the second question a "repeat" of the first and get its answer.
+    Below 2**53, so JSON readers keep it exact.
+    """
+    return time.time_ns() // 1_000_000 * 1000 + secrets.randbelow(1000)
 
 
 # --- the engine's own kinds ------------------------------------------------------------------
