@@ -452,7 +452,7 @@ class Speaker(Actor):
                 self.sink.write(pcm)
                 if publish_audio:
                     self.bus.publish(AudioOut(pcm=pcm, rate=rate, index=chunk.index), turn=chunk.turn)
-                played_bytes += min(block, len(chunk.pcm) - start)
+                played_bytes += len(pcm)
 
     def _on_start(self, chunk: Chunk) -> None:
         with self._lock:
