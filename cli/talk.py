@@ -17,6 +17,8 @@ from voicebus.workers.redelivery import Redelivery
 
 ANSWER = ("llm.accepted", "llm.sentence", "llm.done", "llm.error")
 """The kinds ``ask`` reads."""
+ANSWERED = ("stop", "length", "stop_phrase")
+"""The ``llm.done`` finish reasons of a whole answer: ``ask`` exits 0 on these."""
 
 
 def exchange(client: BusClient, text: str, turn: int, timeout: float) -> Iterator[LlmAccepted | str | LlmError | LlmDone]:
@@ -63,7 +65,7 @@ def exchange(client: BusClient, text: str, turn: int, timeout: float) -> Iterato
 
 def _outcome(done: LlmDone, *, error_shown: bool) -> int:
     """The exit code for how the answer ended; anything but a whole answer says why, on stderr."""
-    if done.finish_reason in ("stop", "length", "stop_phrase"):
+    if done.finish_reason in ANSWERED:
         return 0
     if done.finish_reason == "cancelled":
         click.echo(f"answer interrupted: {done.reason or 'cancelled'}", err=True)

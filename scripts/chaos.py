@@ -57,7 +57,7 @@ from pathlib import Path
 import psutil
 import zmq
 
-from voicebus.cli.talk import ANSWER, exchange
+from voicebus.cli.talk import ANSWER, ANSWERED, exchange
 from voicebus.engine.bus import Endpoints, tune
 from voicebus.engine.client import BusClient
 from voicebus.engine.errors import ProtocolError
@@ -453,7 +453,7 @@ class TextAsker(threading.Thread):
                 error_shown = True
                 asked.stderr += f"answer failed: {reply.code}: {reply.message}\n"
             elif isinstance(reply, LlmDone):
-                ok = reply.finish_reason in ("stop", "length", "stop_phrase")
+                ok = reply.finish_reason in ANSWERED
                 if not ok and not (reply.finish_reason == "error" and error_shown):
                     asked.stderr += f"no answer: {reply.finish_reason}: {reply.reason}\n"
                 asked.code = 0 if ok else 1
