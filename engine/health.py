@@ -14,7 +14,13 @@ forwards; so the bus is hung only when *nothing at all* arrived for the whole
 timeout. While the echo is late but traffic flows, nobody is judged: a
 worker's heartbeat may have been dropped in the same queue, and killing a
 healthy worker costs its loaded model, where waiting out the flood costs only
-time. (A separate socket for health would not escape this: a flood of
+time.
+
+"Late" is measured on each echo, not only by when the last one arrived: under a
+flood the queue sits at its high-water mark and ZeroMQ drops whatever does not
+fit, so some probes still get through — seconds after they were sent — while a
+worker's heartbeats are dropped. An echo that waited longer than ``PROMPT_S``
+shows a backlog, and a backlog means drops; it proves traffic, not health. (A separate socket for health would not escape this: a flood of
 ``sys.heartbeat.x`` matches any subscription that lets heartbeats in.)
 """
 
@@ -25,7 +31,9 @@ from dataclasses import dataclass, field
 PROBE_S = 0.5
 """How often the supervisor sends its own heartbeat through the bus."""
 FRESH_S = 1.5
-"""An echo younger than this means the bus is passing messages now."""
+"""A prompt echo younger than this means the bus is passing messages now."""
+PROMPT_S = 0.5
+"""An echo that spent longer than this on its way waited in a backlog (a flood); see above."""
 FIRST_HEARTBEAT_GRACE_S = 15.0
 """A new child may take this long (interpreter, imports, bus handshake) before its first heartbeat."""
 BUS_RESTART_GRACE_S = 2.0
@@ -57,8 +65,11 @@ class HealthMonitor:
         self._last_echo = now
         self._grace_until = now + (BUS_RESTART_GRACE_S if restarted else 0.0)
 
-    def echoed(self, now: float) -> None:
-        self._last_echo = now
+    def echoed(self, now: float, sent: float) -> None:
+        """Our probe sent at ``sent`` came back at ``now``; only a prompt one shows heartbeats get through."""
+        self._last_traffic = now
+        if now - sent <= PROMPT_S:
+            self._last_echo = now
 
     def traffic(self, now: float) -> None:
         """Frames arrived (of any kind, even undecodable): the bus forwards, however late our echo is."""

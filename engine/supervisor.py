@@ -188,9 +188,9 @@ class Supervisor:
 
     def _on_message(self, env: Envelope) -> None:
         body = env.body
-        if self.client is not None and env.src == self.client.src:
-            self.health.echoed(time.monotonic())  # our probe came back: the bus passes messages
-        if isinstance(body, Heartbeat):
+        if isinstance(body, Heartbeat) and self.client is not None and env.src == self.client.src:
+            self.health.echoed(time.monotonic(), sent=self._started + body.uptime)  # our probe came back
+        elif isinstance(body, Heartbeat):
             slot = self._slot_by_pid(body.pid)
             if slot is not None:
                 self.health.heartbeat(body.pid, time.monotonic())

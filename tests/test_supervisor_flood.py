@@ -33,11 +33,31 @@ def test_traffic_without_an_echo_is_a_busy_bus_not_a_hung_one():
         assert not verdict.bus_hung and verdict.stale == {}, t / 2
     assert verdict.bus_quiet  # workers are not judged while the echo is late
     # the flood ends: the echo is prompt again, and the worker's silence counts from then on
-    h.echoed(10.2)
+    h.echoed(10.2, sent=10.2)
     assert h.check(10.2).stale == {}
     h.heartbeat(7, 10.4)
-    h.echoed(12.0)
+    h.echoed(12.0, sent=12.0)
     assert h.check(12.0).stale == {}
+
+
+def test_echoes_that_waited_in_a_backlog_do_not_prove_heartbeats_get_through():
+    """Found by CI: during a flood some probes still got through, two seconds late, so the echo looked
+    fresh while the workers' heartbeats were being dropped at the same full queue; three healthy workers
+    were killed. An echo that waited in a backlog shows drops, not health."""
+    h = HealthMonitor(timeout_s=3.0)
+    h.bus_up(0.0)
+    h.started(7, 0.0)
+    h.heartbeat(7, 0.5)
+    for t in range(2, 26):  # an echo arrives every half second, each sent two seconds earlier
+        now = t / 2
+        h.echoed(now, sent=now - 2.0)
+        verdict = h.check(now)
+        assert not verdict.bus_hung and verdict.stale == {}, now
+    assert verdict.bus_quiet
+    for now in (12.6, 13.1, 13.6, 14.1, 14.6, 15.1, 15.6):  # the backlog drained: silence counts from here
+        h.echoed(now, sent=now - 0.01)
+    assert h.check(15.5).stale == {}
+    assert h.check(15.7).stale == {7: 3.0}
 
 
 def test_no_traffic_at_all_is_still_a_hung_bus():
@@ -79,5 +99,6 @@ def test_a_flood_of_the_supervisors_and_an_askers_kinds_restarts_nothing_and_ask
             flooder.kill()
             flooder.wait(10)
     assert "passed nothing" not in up.stderr(), up.stderr()[-2000:]
-    assert [e.kind for e in watcher.select(lambda e: e.kind.startswith("sup."), mark)] == []
+    sup = [(e.kind, e.body) for e in watcher.select(lambda e: e.kind.startswith("sup."), mark)]
+    assert sup == [], (sup, up.stderr()[-3000:])
     assert up.worker_pids() == workers and up.bus_pid() == bus
