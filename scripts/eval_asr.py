@@ -355,8 +355,7 @@ class Ear:
         """Feed one clip of 16 kHz mono int16 ``pcm``; ``realtime`` delivers a frame every 20 ms."""
         from voicebus.workers.hearing import Ended, Final, Hearing, NoMatch, SpeechStarted
         from voicebus.workers.turn_end import EndOfTurn
-        from voicebus.workers.vad import Endpointer
-        from voicebus.workers.vad_frames import open_classifier
+        from voicebus.workers.vad import endpointer_for
 
         vad = self.settings.vad
         out = ClipHeard()
@@ -375,11 +374,8 @@ class Ear:
                 out.heard.append(Heard(event.text.strip() if isinstance(event, Final) else "",
                                        starts.get(event.utterance, 0), end_ms, vad_end_t, now, forced_end=input_over))
 
-        endpointer = Endpointer(preroll_ms=vad.preroll_ms, silence_ms=vad.silence_ms, min_speech_ms=vad.min_speech_ms,
-                                classifier=open_classifier(vad.engine, vad.aggressiveness))
-        end_of_turn = EndOfTurn(vad.silence_ms, vad.complete_ms, vad.incomplete_ms, adaptive=vad.adaptive,
-                                undecided_ms=vad.undecided_ms)
-        hearing = Hearing(_Timed(self.recognizer, out), endpointer, heard, end_of_turn=end_of_turn)
+        hearing = Hearing(_Timed(self.recognizer, out), endpointer_for(vad), heard,
+                          end_of_turn=EndOfTurn.from_settings(vad))
         frame_bytes = FRAME * 2
         padded = pcm + bytes(-len(pcm) % frame_bytes)
         t0 = time.monotonic()

@@ -268,3 +268,58 @@ def test_silero_hears_the_same_turns_and_ignores_clicks(speech):
     assert feed_all(Endpointer(classifier=SileroFrames()), *clicks) == []
     with pytest.raises(ConfigError, match="silero, webrtc"):
         open_classifier("nonesuch")
+
+
+# --- background talk -------------------------------------------------------------------------
+
+
+def quieter(clip: np.ndarray, db: float) -> np.ndarray:
+    return (clip.astype(np.float64) * 10 ** (-db / 20)).astype("<i2")
+
+
+def talk_in_the_background(speech, ms: int, db: float) -> np.ndarray:
+    """Other people talking, ``db`` below the person: the test voices again and again, quieter."""
+    loop = np.concatenate([quieter(c, db) for c in speech for _ in range(2)] + [silence(100)])
+    return np.resize(loop, ms * SAMPLES_PER_MS)
+
+
+def test_talk_in_the_background_neither_holds_a_turn_open_nor_starts_one(speech):
+    """A TV or a room of people 15 dB below the person: without the foreground gate the turn ran on as long as
+    they talked, and their talk made turns of its own (whisper heard them as "Thank you.")."""
+    from voicebus.workers.vad_frames import SileroFrames
+
+    first, second = speech
+    person = np.concatenate([silence(600), first, silence(4000)])
+    background = talk_in_the_background(speech, len(person) // SAMPLES_PER_MS + 1, 15)
+    room = (person.astype(np.int32) + background[: len(person)]).clip(-32768, 32767).astype("<i2")
+    speech_end = 600 + len(first) / SAMPLES_PER_MS
+
+    def turns(background_db: float):
+        endpointer = Endpointer(classifier=SileroFrames(), background_db=background_db)
+        return starts_and_ends(feed_all(endpointer, room, silence(1500)))
+
+    without = turns(0)
+    assert without[-1][1].offset_ms > speech_end + 3000  # the room kept the turn open (or made its own)
+    events = turns(10)
+    assert kinds(events) == ["SpeechStart", "SpeechEnd"], events
+    assert abs(events[1][1].offset_ms - speech_end) <= 300
+
+
+def test_a_quieter_person_is_heard_when_nobody_louder_spoke_lately(speech):
+    """The gate compares with the person's own recent speech only: a soft speaker on their own, or one who
+    speaks well after a loud one, is a turn like any other."""
+    from voicebus.workers.foreground import HOLD_S
+    from voicebus.workers.vad_frames import SileroFrames
+
+    first, second = speech
+    endpointer = Endpointer(classifier=SileroFrames(), background_db=10)
+    soft = quieter(second, 20)
+    assert kinds(feed_all(endpointer, silence(500), soft, silence(1000))) == ["SpeechStart", "SpeechEnd"]
+    base = endpointer.offset_ms
+    events = starts_and_ends(
+        feed_all(endpointer, first, silence(1000), soft, silence(int(HOLD_S * 1000)), soft, silence(1000))
+    )
+    # loud, then soft within the hold: background; soft again once the hold has passed: heard
+    assert kinds(events) == ["SpeechStart", "SpeechEnd", "SpeechStart", "SpeechEnd"], events
+    later = base + len(first) / SAMPLES_PER_MS + 1000 + len(soft) / SAMPLES_PER_MS + HOLD_S * 1000
+    assert events[2][1].offset_ms >= later - 100

@@ -52,6 +52,9 @@ class VadSettings:
     while the silence window runs, and nothing of it is heard or remembered unless the final confirms it"""
     preroll_ms: int = 300
     min_speech_ms: int = 200
+    background_db: float = 10.0
+    """voiced frames this many dB below the person's own speech level are background talk (a TV, other
+    people), not a turn and not the end of one (workers/foreground.py); 0 = off"""
     barge_in: bool = True
     """speech while the assistant talks interrupts it; turn off for open speakers without echo cancellation"""
 

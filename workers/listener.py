@@ -45,8 +45,7 @@ from voicebus.workers.listener_progress import Progress, ProgressFile, run_key
 from voicebus.workers.redelivery import ANSWER_KINDS, Redelivery
 from voicebus.workers.turnlog import BARGE_IN
 from voicebus.workers.turn_end import EndOfTurn
-from voicebus.workers.vad import Endpointer
-from voicebus.workers.vad_frames import open_classifier
+from voicebus.workers.vad import endpointer_for
 
 SILENCE = bytes(FRAME_BYTES)
 NO_NEWS_S = 60.0
@@ -104,13 +103,7 @@ class Listener(Actor):
             return  # text only: utterances arrive as ctl.ask, straight to the thinker
         print(f"listener: loading {self.settings.asr.backend} speech recognition…", file=sys.stderr, flush=True)
         recognizer = backends.open_recognizer(self.settings, progress=self._progress_line)
-        endpointer = Endpointer(
-            preroll_ms=vad.preroll_ms, silence_ms=vad.silence_ms, min_speech_ms=vad.min_speech_ms,
-            classifier=open_classifier(vad.engine, vad.aggressiveness),
-        )
-        end_of_turn = EndOfTurn(vad.silence_ms, vad.complete_ms, vad.incomplete_ms, adaptive=vad.adaptive,
-                                undecided_ms=vad.undecided_ms)
-        self.hearing = Hearing(recognizer, endpointer, self._heard, end_of_turn=end_of_turn)
+        self.hearing = Hearing(recognizer, endpointer_for(vad), self._heard, end_of_turn=EndOfTurn.from_settings(vad))
         self._recognizer = recognizer
         self._thread = threading.Thread(target=self._listen, name="listener-audio", daemon=True)
         self._thread.start()

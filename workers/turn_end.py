@@ -28,6 +28,10 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .config import VadSettings
 
 CONTINUES = frozenset(
     """a an the of for to in on at by with from about into onto than as like via per
@@ -81,6 +85,11 @@ class EndOfTurn:
         if verdict == "incomplete":
             return max(self.incomplete_ms, self.base_ms)
         return self.base_ms
+
+    @classmethod
+    def from_settings(cls, vad: VadSettings) -> EndOfTurn:
+        return cls(vad.silence_ms, vad.complete_ms, vad.incomplete_ms, adaptive=vad.adaptive,
+                   undecided_ms=vad.undecided_ms)
 
     def waiting_ms(self) -> int:
         """The window while the recognizer reads a pause (adaptive only: else the base window)."""

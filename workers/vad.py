@@ -19,6 +19,9 @@ A classifier keeps labelling frames voiced for a while after any sound stops
 200 ms of speech and make every silence look 120 ms shorter than it is, so the
 windows are sized to discount it: ``min_speech_ms`` and ``silence_ms`` mean
 real sound and real silence, as a user would time them.
+
+Voiced frames well below the person's own speech level are background talk, not
+the person (``foreground``): with ``background_db`` set they count as unvoiced.
 """
 
 from __future__ import annotations
@@ -27,10 +30,16 @@ import math
 from collections import deque
 from dataclasses import dataclass, field
 
+from typing import TYPE_CHECKING
+
 from voicebus.engine.errors import ConfigError
 
 from .audio.pcm import FRAME_BYTES, FRAME_MS
-from .vad_frames import FrameClassifier, WebrtcFrames
+from .foreground import ForegroundGate
+from .vad_frames import FrameClassifier, WebrtcFrames, open_classifier
+
+if TYPE_CHECKING:
+    from .config import VadSettings
 
 PAUSE_FRAMES = 3
 """Unvoiced frames in a row that make a pause: where a speculative decode can start."""
@@ -101,18 +110,23 @@ class Endpointer:
         silence_ms: int = 500,
         min_speech_ms: int = 200,
         classifier: FrameClassifier | None = None,
+        background_db: float = 0.0,
     ) -> None:
         """Configure the detector.
 
         ``aggressiveness`` is webrtcvad's 0 (lenient) .. 3 (strict about what is
         speech); ``preroll_ms`` of audio before the start travel with SpeechStart
         so the first syllable reaches the recognizer; ``silence_ms`` of silence
-        end an utterance; sounds shorter than ``min_speech_ms`` never start one.
+        end an utterance; sounds shorter than ``min_speech_ms`` never start one;
+        voiced frames more than ``background_db`` below the person's speech level
+        are background talk (0: off; see ``foreground``).
         """
-        for name, value in (("preroll_ms", preroll_ms), ("silence_ms", silence_ms), ("min_speech_ms", min_speech_ms)):
+        for name, value in (("preroll_ms", preroll_ms), ("silence_ms", silence_ms), ("min_speech_ms", min_speech_ms),
+                            ("background_db", background_db)):
             if value < 0:
                 raise ConfigError(f"VAD {name} must not be negative, got {value}")
         self._classifier = classifier or WebrtcFrames(aggressiveness)
+        self._foreground = ForegroundGate(background_db, self._classifier.hangover_frames)
         self._hangover = self._classifier.hangover_frames
         self._preroll = _frames(preroll_ms)
         # Sound must outlast the hangover by min_speech_ms before it counts as speech.
@@ -151,6 +165,8 @@ class Endpointer:
         """Forget any speech in progress and the preroll; the stream clock runs on."""
         self._history.clear()
         self._window.clear()
+        if self.in_speech:
+            self._foreground.ended(self.offset_ms / 1000)
         self.in_speech = False
         self._paused = False
 
@@ -158,8 +174,10 @@ class Endpointer:
         """Classify one 640-byte frame; return the events it completes (usually none)."""
         if len(frame) != FRAME_BYTES:
             raise ValueError(f"VAD frames are {FRAME_BYTES} bytes (20 ms at 16 kHz), got {len(frame)}")
-        voiced = self._classifier.is_speech(frame)
         index = self._frame_index
+        voiced = self._foreground.voiced(
+            frame, index * FRAME_MS / 1000, heard=self._classifier.is_speech(frame), in_speech=self.in_speech
+        )
         self._frame_index += 1
         self._history.append(frame)
         self._window.append(voiced)
@@ -199,6 +217,7 @@ class Endpointer:
             self.in_speech = False
             self._paused = False
             self._window.clear()
+            self._foreground.ended(self.offset_ms / 1000)
             offset_ms = end_index * FRAME_MS
             return [SpeechEnd(offset_ms=offset_ms, speech_ms=offset_ms - self._start_index * FRAME_MS)]
         return self._check_pause(index)
@@ -220,6 +239,14 @@ class Endpointer:
             self._paused = False
             return [SpeechResume(offset_ms=(index - needed + 1) * FRAME_MS)]
         return []
+
+
+def endpointer_for(vad: VadSettings) -> Endpointer:
+    """The endpointer the settings describe (the listener's, and scripts/eval_asr.py's copy of it)."""
+    return Endpointer(
+        preroll_ms=vad.preroll_ms, silence_ms=vad.silence_ms, min_speech_ms=vad.min_speech_ms,
+        classifier=open_classifier(vad.engine, vad.aggressiveness), background_db=vad.background_db,
+    )
 
 
 def _longest_run_start(values: list[bool], wanted: bool) -> int:
