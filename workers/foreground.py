@@ -4,10 +4,11 @@ A frame classifier hears speech, not whose speech. Other people talking in the
 room, a TV or a radio are speech too; left alone they keep the person's turn
 open after they stopped (the turn ends only when the room falls silent) and they
 start turns of their own, which whisper transcribes or, on faint talk, fills with
-its favourite phrases ("Thank you.", "Okay."). Measured on the tuning voices
-with a babble of six other voices 15 dB below the speech (scripts/eval_asr.py
---split tune): most questions ran on until the input ended, and a third had such
-a phrase appended.
+its favourite phrases ("Thank you.", "Okay."). Measured with scripts/eval_asr.py
+on the judge voices, with a babble of six other voices 20, 15 or 10 dB below the
+speech: 34 of 37 such questions never ended before the input did. With the gate:
+11, all at 10 dB, and word accuracy in babble 0.38 → 0.44; clean speech
+and steady noise gave the same transcripts with and without it.
 
 The person at the microphone is the loudest talker it hears, by a wide margin:
 background talk that reaches the microphone across a room is 10 dB or more below
