@@ -92,7 +92,7 @@ VOICE_STAGES: list[tuple[str, str, Callable[[dict], float | None]]] = [
     ("asr", "ASR (vad.end → asr.final)", lambda t: t.get("asr_s")),
     ("final_to_audio", "asr.final → first audio", lambda t: t.get("final_to_audio_s")),
     ("first_sentence", "first sentence (asr.final → sentence)", lambda t: t.get("first_sentence_s")),
-    ("first_audio", "first audio (sentence → audio)", lambda t: t.get("first_audio_s")),
+    ("first_audio", "first audio (sentence/confirm → audio)", lambda t: t.get("first_audio_s")),
     ("saved", "speculation saved", lambda t: t.get("speculation_saved_s")),
 ]
 TEXT_STAGES: list[tuple[str, str, Callable[[dict], float | None]]] = [

@@ -221,6 +221,17 @@ def test_latencies_derive_the_spans():
     assert ask["first_sentence_s"] == pytest.approx(0.5) and ask["request_to_audio_s"] == pytest.approx(0.7)
 
 
+def test_a_held_answers_stages_add_up_to_the_wait():
+    """The answer to a guess was ready before the final and held until the confirmation: the sentence cost
+    no wait, and first audio counts from the confirmation (it once counted from the guess's sentence, and
+    bench_turn reported a 1.45 s "first audio" p90 that nobody waited)."""
+    t = {"speech_end": 10.0, "guess": 10.3, "first_sentence": 10.5, "vad_end": 11.0, "asr_final": 11.0,
+         "confirmed": 11.01, "first_audio": 11.05}
+    out = latencies(t)
+    assert out["first_sentence_s"] == 0.0 and out["first_audio_s"] == pytest.approx(0.04)
+    assert out["final_to_audio_s"] == pytest.approx(0.05)
+
+
 def test_an_interrupt_stops_a_turn_not_heard_of_yet_and_is_answered_with_its_end(speaker, make_client):
     """Found by scripts/chaos.py: a speaker restarting while an answer went out never heard of the turn, the
     user spoke over it, and the history said the whole answer was heard. Now the interrupt stops the turn

@@ -504,8 +504,15 @@ def latencies(t: dict[str, float]) -> dict[str, float]:
     span("speech_end", "vad_end", "silence_s")
     span("vad_end", "asr_final", "asr_s")
     span("asr_final", "first_token", "first_token_s")
-    span("asr_final" if "asr_final" in t else "request", "first_sentence", "first_sentence_s")
-    span("first_sentence", "first_audio", "first_audio_s")
+    origin = "asr_final" if "asr_final" in t else "request"
+    if origin in t and "first_sentence" in t:
+        # A guess's sentence may be ready before the final: then nobody waited for it.
+        out["first_sentence_s"] = round(max(0.0, t["first_sentence"] - t[origin]), 4)
+    if "first_sentence" in t and "first_audio" in t:
+        # Held audio may not play before its confirmation: first audio counts from when it was allowed to,
+        # so that the stages add up to what the user waited.
+        allowed = max(t["first_sentence"], t.get("confirmed", t["first_sentence"]))
+        out["first_audio_s"] = round(t["first_audio"] - allowed, 4)
     span("asr_final", "first_audio", "final_to_audio_s")
     span("vad_end", "first_audio", "total_s")
     span("speech_end", "first_audio", "speech_end_to_audio_s")
