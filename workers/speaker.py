@@ -73,6 +73,10 @@ DROP = -2
 """Synthesis-queue marker: the turn's held audio is void."""
 
 
+GUESS_MARKS = ("first_token", "first_sentence", "guess_ready")
+"""Timings that belong to the answer of one guess: a revoked guess's would make the turn's look early."""
+
+
 @dataclass
 class Turn:
     """What the speaker knows of one turn."""
@@ -97,9 +101,13 @@ class Turn:
     """the unconfirmed guess whose answer is being prepared (its audio held); 0 when none"""
     confirmed: bool = True
     """False while the sentences received answer an unconfirmed guess"""
+    guess_at: dict[int, float] = field(default_factory=dict)
+    """rev → when that asr.guess was sent: the confirmed one's is the turn's "guess" timing"""
 
     def drop_guess(self) -> None:
-        """Forget what was prepared for the unconfirmed guess."""
+        """Forget what was prepared for the unconfirmed guess, its timings too (the next answer sets them)."""
+        for mark in GUESS_MARKS:
+            self.timings.pop(mark, None)
         self.received.clear()
         self.next = 0
         self.finished.clear()
@@ -206,7 +214,7 @@ class Speaker(Actor):
     def on_guess(self, env: Envelope) -> None:
         assert isinstance(env.body, AsrGuess)
         with self._lock:
-            self._turn(env.turn).timings.setdefault("guess", env.ts)
+            self._turn(env.turn).guess_at.setdefault(env.body.rev, env.ts)
 
     @handles("asr.revoke")
     def on_revoke(self, env: Envelope) -> None:
@@ -330,13 +338,14 @@ class Speaker(Actor):
         """The guess is the turn: its held audio plays now (a marker in the synthesis queue keeps the order)."""
         state.confirmed = True
         state.timings.setdefault("confirmed", time.time())
+        if state.guess in state.guess_at:
+            state.timings.setdefault("guess", state.guess_at[state.guess])
         self._sentences.put((state.turn, RELEASE, "", state.guess))
 
     def _drop_guess(self, state: Turn) -> None:
         if not state.confirmed:
             self._sentences.put((state.turn, DROP, "", state.guess))  # the synthesis thread owns held audio
             state.timings["revoked"] = state.timings.get("revoked", 0) + 1
-            state.timings.pop("guess_ready", None)
             state.drop_guess()
 
     def _maybe_finish(self, state: Turn) -> None:
