@@ -50,7 +50,10 @@ ENGLISH_PROMPT = "Hey. Turn on the radio. Who wrote Hamlet? Okay, goodbye."
 """What whisper reads as the text before each English utterance: requests to an assistant, and a farewell.
 Chosen on the tuning voices, checked on the judge voices (scripts/eval_asr.py, clean): word accuracy
 0.840 → 0.866, lone stop phrases heard 32/40 → 37/40 (most misses were "Goodbye" heard as "Don't buy"),
-no false stop in 160 sentences that contain stop words. Its sentences are in neither evaluation set."""
+no false stop in 160 sentences that contain stop words. Its sentences are in neither evaluation set.
+Its words leak into cut-off or noisy audio ("Remind me to buy…" heard as "Remind me, goodbye.", "Hamlet" in
+babble); four other prompts, none among them, were no better on the tuning set (clean, 15 dB, first halves
+of questions, stop phrases together; none: clean 0.805 against 0.853)."""
 NO_SPEECH_PROB = 0.6
 NO_SPEECH_LOGPROB = -1.0
 """faster-whisper's rule: a result the model thinks is no speech, and is unsure of, is silence ("you" on
