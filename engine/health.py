@@ -20,7 +20,8 @@ time.
 flood the queue sits at its high-water mark and ZeroMQ drops whatever does not
 fit, so some probes still get through — seconds after they were sent — while a
 worker's heartbeats are dropped. An echo that waited longer than ``PROMPT_S``
-shows a backlog, and a backlog means drops; it proves traffic, not health. (A separate socket for health would not escape this: a flood of
+shows a backlog, and a backlog means drops; it proves traffic, not health.
+(A separate socket for health would not escape this: a flood of
 ``sys.heartbeat.x`` matches any subscription that lets heartbeats in.)
 """
 

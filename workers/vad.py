@@ -29,7 +29,6 @@ from __future__ import annotations
 import math
 from collections import deque
 from dataclasses import dataclass, field
-
 from typing import TYPE_CHECKING
 
 from voicebus.engine.errors import ConfigError
