@@ -79,6 +79,8 @@ WARM_UP = "Hello there."
 CONFIGS = {
     "before": {"VOICEBUS_VAD_ADAPTIVE": "false", "VOICEBUS_VAD_SPECULATE": "false"},
     "after": {},
+    # the background gate (workers/foreground.py), off by default: what it costs when the voices differ in level
+    "gate": {"VOICEBUS_VAD_BACKGROUND_DB": "10"},
 }
 
 WORKER_ROLES = ("listener", "thinker", "speaker")

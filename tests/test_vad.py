@@ -286,7 +286,10 @@ def talk_in_the_background(speech, ms: int, db: float) -> np.ndarray:
 def test_talk_in_the_background_neither_holds_a_turn_open_nor_starts_one(speech):
     """A TV or a room of people 15 dB below the person: without the foreground gate the turn ran on as long as
     they talked, and their talk made turns of its own (whisper heard them as "Thank you.")."""
-    from voicebus.workers.vad_frames import SileroFrames
+    from dataclasses import replace
+
+    from voicebus.workers.config import VadSettings
+    from voicebus.workers.vad import endpointer_for
 
     first, second = speech
     person = np.concatenate([silence(600), first, silence(4000)])
@@ -294,10 +297,11 @@ def test_talk_in_the_background_neither_holds_a_turn_open_nor_starts_one(speech)
     room = (person.astype(np.int32) + background[: len(person)]).clip(-32768, 32767).astype("<i2")
     speech_end = 600 + len(first) / SAMPLES_PER_MS
 
-    def turns(background_db: float):
-        endpointer = Endpointer(classifier=SileroFrames(), background_db=background_db)
+    def turns(background_db: float):  # the endpointer the listener builds from its settings
+        endpointer = endpointer_for(replace(VadSettings(), engine="silero", background_db=background_db))
         return starts_and_ends(feed_all(endpointer, room, silence(1500)))
 
+    assert VadSettings().background_db == 0  # off by default: see workers/foreground.py
     without = turns(0)
     assert without[-1][1].offset_ms > speech_end + 3000  # the room kept the turn open (or made its own)
     events = turns(10)

@@ -52,9 +52,10 @@ class VadSettings:
     while the silence window runs, and nothing of it is heard or remembered unless the final confirms it"""
     preroll_ms: int = 300
     min_speech_ms: int = 200
-    background_db: float = 10.0
+    background_db: float = 0.0
     """voiced frames this many dB below the person's own speech level are background talk (a TV, other
-    people), not a turn and not the end of one (workers/foreground.py); 0 = off"""
+    people), not a turn and not the end of one (workers/foreground.py); 0 = off (the default: it also takes
+    a quieter second person speaking within 8 s of a louder one for background); 10 suits a noisy room"""
     barge_in: bool = True
     """speech while the assistant talks interrupts it; turn off for open speakers without echo cancellation"""
 

@@ -8,7 +8,7 @@ changing a line here.
 MEASURED = {
     "whisper": (
         "the default: whisper base int8, decoded at every pause; on ten voices nobody tuned on, word accuracy "
-        "0.84 clean, 0.77 / 0.65 / 0.58 with noise at 20 / 15 / 10 dB; its final is ready when the turn ends, "
+        "0.84 clean, 0.74 / 0.59 / 0.62 with noise at 20 / 15 / 10 dB; its final is ready when the turn ends, "
         "380 ms (p90 550 ms) after the end of speech on 2 cores (scripts/bench_turn.py)"
     ),
     "pocketsphinx": "fast and streaming, but 0.09 word accuracy on voices it was not tuned on (0.46 on piper's joe)",
