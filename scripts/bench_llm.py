@@ -34,8 +34,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from voicebus.workers.cores import half_the_cores
 from voicebus.workers.llm.cpu import cpu_report
-from voicebus.workers.llm.local import LocalChat, default_threads
+from voicebus.workers.llm.local import LocalChat
 from voicebus.workers.llm.models import find_smollm2_gguf
 
 TEXT = (
@@ -174,7 +175,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--prompt-tokens", type=int, default=200)
     parser.add_argument("--gen-tokens", type=int, default=64)
-    parser.add_argument("--threads", type=int, default=default_threads(),
+    parser.add_argument("--threads", type=int, default=half_the_cores(),
                         help="llama.cpp threads (default: the local backend's own default)")
     parser.add_argument("--model", type=Path, help="a GGUF file (default: SmolLM2-135M-Instruct Q4_1)")
     parser.add_argument("--q4_0", action="store_true", help="also measure a Q4_0 requantization of the model")

@@ -284,6 +284,19 @@ def test_whisper_time_per_utterance(whisper: Recognizer, speech: Speech) -> None
         assert word_overlap(text, heard) >= 0.6
 
 
+def test_whisper_takes_half_the_cores_unless_told(whisper: Recognizer, whisper_cache: Path) -> None:
+    # CTranslate2's own default (4 threads) oversubscribes small machines; see workers/asr/whisper.py.
+    from voicebus.workers.asr.whisper import WhisperRecognizer
+    from voicebus.workers.cores import half_the_cores
+
+    assert whisper.threads == half_the_cores()
+    told = WhisperRecognizer("en-US", cache_dir=whisper_cache, threads=3)
+    try:
+        assert told.threads == 3
+    finally:
+        told.close()
+
+
 @has_whisper
 def test_whisper_rejects_a_language_it_does_not_know(whisper_cache: Path) -> None:
     from voicebus.workers.asr.whisper import WhisperRecognizer

@@ -15,13 +15,13 @@ from collections.abc import Generator, Iterator
 from pathlib import Path
 
 import pytest
-
 from voicebus.engine.errors import BackendError, ConfigError, ModelError
 from voicebus.engine.settings import load
 from voicebus.workers.backends import open_chat
 from voicebus.workers.config import Settings
+from voicebus.workers.cores import half_the_cores
 from voicebus.workers.llm.cpu import CpuReport, decide_repack, read_cpu_flags
-from voicebus.workers.llm.local import LocalChat, default_threads
+from voicebus.workers.llm.local import LocalChat
 from voicebus.workers.llm.models import find_smollm2_gguf
 from voicebus.workers.llm.probe import GenerationProbe, ProbeResult
 
@@ -43,7 +43,7 @@ AMX_BUILD_ONLY = CpuReport(flags=EPYC.flags, system_info="CPU : AVX2 = 1 | AMX_I
 @pytest.fixture(scope="session")
 def child_generation() -> ProbeResult:
     """A multi-token prompt and a short answer from the default model, in a child process, once."""
-    return GenerationProbe().run(find_smollm2_gguf(), repack="auto", threads=default_threads())
+    return GenerationProbe().run(find_smollm2_gguf(), repack="auto", threads=half_the_cores())
 
 
 @pytest.fixture(scope="session")

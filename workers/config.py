@@ -71,7 +71,7 @@ class AsrSettings:
     """whisper: text the model reads as "what came before" each utterance (a style and vocabulary hint);
     auto: a short assistant-style English prompt when the language is English (workers/asr/whisper.py), else none"""
     threads: int = 0
-    """whisper: CPU threads (0 = all cores)"""
+    """whisper: CPU threads (0 = half the cores, as for the other models: see workers/cores.py)"""
     language: str = field(default="en-US", metadata=env_names("SPEECH_RECOGNITION_LANGUAGE"))
     speech_key: str = field(default="", metadata={**env_names("SPEECH_KEY"), **secret()})
     speech_region: str = field(default="", metadata=env_names("SPEECH_REGION"))

@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 from voicebus.engine.errors import VoicebusError
 from voicebus.workers.asr import CHOOSE, MEASURED
 from voicebus.workers.config import Settings
-from voicebus.workers.llm.local import default_threads
+from voicebus.workers.cores import half_the_cores
 from voicebus.workers.llm.probe import GenerationProbe
 from voicebus.workers.preflight import missing_settings
 
@@ -128,7 +128,7 @@ def _probe(url: str) -> str:
 
 def _generation_check(settings: Settings, model: Path, probe: GenerationProbe) -> Check:
     llm = settings.llm
-    result = probe.run(model, repack=llm.repack, threads=llm.threads or default_threads())
+    result = probe.run(model, repack=llm.repack, threads=llm.threads or half_the_cores())
     return Check("llm", "generate", result.ok, f"local: {result.detail}")
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import ctypes
 import logging
-import os
 import threading
 from collections.abc import Generator, Iterator
 from contextlib import contextmanager
@@ -17,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from voicebus.engine.errors import BackendError, ModelError
+from voicebus.workers.cores import half_the_cores
 from voicebus.workers.llm.base import Message
 from voicebus.workers.llm.cpu import CpuReport, RepackChoice, cpu_report, decide_repack
 from voicebus.workers.llm.models import find_smollm2_gguf
@@ -75,7 +75,10 @@ class LocalChat:
         path = Path(model_path).expanduser() if model_path is not None else find_smollm2_gguf()
         if not path.is_file():
             raise ModelError(f"LLM model file not found: {path}")
-        n_threads = threads if threads is not None else default_threads()
+        # llama.cpp's threads spin while they wait for each other, so as many threads as cores collapses
+        # as soon as anything else runs (ASR, TTS, audio): on 2 busy cores a 40-token prompt took 1.5 s
+        # with 2 batch threads and 0.2 s with 1. llama-cpp-python's own default uses every core.
+        n_threads = threads if threads is not None else half_the_cores()
         _route_llama_logs()
         _start_collecting_load_errors()
         try:
@@ -266,20 +269,6 @@ def model_defaults(*, use_extra_bufts: bool) -> Iterator[None]:
 
 # ggml's log levels (ggml.h: NONE, DEBUG, INFO, WARN, ERROR, CONT). Note
 # llama-cpp-python 0.3.x's own table still uses the older numbering.
-def default_threads() -> int:
-    """Half the usable cores, at least one.
-
-    llama.cpp's threads spin while they wait for each other, so a thread
-    count equal to the cores collapses as soon as anything else runs (ASR,
-    TTS, audio): on 2 busy cores a 40-token prompt took 1.5 s with 2 batch
-    threads and 0.2 s with 1. llama-cpp-python's own default uses every core
-    for the prompt.
-    """
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cores = os.cpu_count() or 1
-    return max(1, cores // 2)
 
 
 _LLAMA_LEVELS = {0: logging.DEBUG, 1: logging.DEBUG, 2: logging.DEBUG, 3: logging.WARNING, 4: logging.ERROR}

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
-import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from voicebus.engine.errors import BackendError, ModelError
+from voicebus.workers.cores import half_the_cores
 
 if TYPE_CHECKING:
     from piper import PiperVoice
@@ -50,20 +50,6 @@ def find_default_voice() -> Path:
 def _config_path(onnx: Path) -> Path:
     # Piper's convention: the config is the model's name plus ".json".
     return onnx.with_name(onnx.name + ".json")
-
-
-def default_threads() -> int:
-    """Half the usable cores, at least one.
-
-    onnxruntime's default (every physical core, spinning while idle) is the
-    slowest choice once ASR or the LLM share the machine: on 2 busy cores a
-    10-word sentence took 420 ms with the default and 255 ms with 1 thread.
-    """
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cores = os.cpu_count() or 1
-    return max(1, cores // 2)
 
 
 def _load_voice(model: Path, config: Path, threads: int) -> PiperVoice:
@@ -109,7 +95,10 @@ class PiperSynthesizer:
         for needed in (model, config):
             if not needed.is_file():
                 raise ModelError(f"piper voice file not found: {needed}")
-        self.threads = threads or default_threads()
+        # onnxruntime's default (every physical core, spinning while idle) is the slowest choice once ASR
+        # or the LLM share the machine: on 2 busy cores a 10-word sentence took 420 ms with the default and
+        # 255 ms with 1 thread.
+        self.threads = threads or half_the_cores()
         try:
             self._voice: PiperVoice | None = _load_voice(model, config, self.threads)
         except Exception as exc:  # onnxruntime and json raise many unrelated types
