@@ -83,6 +83,8 @@ CONFIGS = {
     "gate": {"VOICEBUS_VAD_BACKGROUND_DB": "10"},
     # whisper on CTranslate2's own thread count (4) instead of half the cores: what the default saves
     "asr-4-threads": {"VOICEBUS_ASR_THREADS": "4"},
+    # the short window even for words the recognizer doubts (workers/turn_end.py): what the check costs and saves
+    "trust-words": {"VOICEBUS_VAD_COMPLETE_CONFIDENCE": "0"},
 }
 
 WORKER_ROLES = ("listener", "thinker", "speaker")

@@ -13,6 +13,7 @@ import time
 import numpy as np
 import pytest
 
+from voicebus.engine.errors import ConfigError
 from voicebus.workers.asr.base import Transcript
 from voicebus.workers.audio import FRAME_BYTES, RATE, Resampler
 from voicebus.workers.hearing import Ended, Final, Guess, Hearing, NoMatch, Revoked, SpeechStarted
@@ -44,15 +45,16 @@ def silence(ms: int) -> bytes:
 class Scripted:
     """A batch recognizer: answers ``words[n]`` for its n-th decode, taking ``decode_s`` each time."""
 
-    def __init__(self, words: list[str], decode_s: float = 0.05) -> None:
+    def __init__(self, words: list[str], decode_s: float = 0.05, confidence: float = 0.9) -> None:
         self.words = words
         self.decode_s = decode_s
+        self.confidence = confidence
         self.calls: list[int] = []
 
     def transcribe(self, pcm: bytes) -> Transcript:
         self.calls.append(len(pcm))
         time.sleep(self.decode_s)
-        return Transcript(self.words[min(len(self.calls), len(self.words)) - 1], 0.9)
+        return Transcript(self.words[min(len(self.calls), len(self.words)) - 1], self.confidence)
 
 
 def run(recognizer, pcm: bytes, *, realtime: bool = True, **end_of_turn) -> list[tuple[float, object]]:
@@ -84,6 +86,15 @@ def test_the_final_is_ready_when_the_silence_window_closes(say):
     assert at[Guess] < at[Ended] <= at[Final] < at[Ended] + 0.05  # decoded during the window
     assert final.decode_s == 0.0
     assert ended.silence_ms == 300  # a complete question: the short window
+
+
+def test_complete_looking_words_the_recognizer_doubts_get_the_base_window(say):
+    # whisper's reading of a cut-off "What is the capital of": a whole question, said with less confidence
+    pcm = silence(500) + say("What is the capital of") + silence(1500)
+    [ended] = of(run(Scripted(["What is the capital?"], confidence=0.4), pcm), Ended)
+    assert ended.silence_ms == 500
+    [ended] = of(run(Scripted(["What is the capital?"], confidence=0.4), pcm, complete_confidence=0.0), Ended)
+    assert ended.silence_ms == 300  # the check turned off
 
 
 def test_a_decode_slower_than_the_window_finishes_after_it(say):
@@ -165,3 +176,7 @@ def test_completeness_of_what_was_said():
     assert windows.window_ms("Where is Peru?") == 300
     assert windows.window_ms("Where is the") == 1400 and windows.window_ms(None) == 500
     assert EndOfTurn(adaptive=False).window_ms("Where is the") == 500
+    assert windows.window_ms("Where is Peru?", 0.9) == 300 and windows.window_ms("Where is Peru?", 0.5) == 500
+    assert windows.window_ms("Where is the", 0.2) == 1400  # doubt never shortens a window
+    with pytest.raises(ConfigError, match="complete_confidence"):
+        EndOfTurn(complete_confidence=1.5)

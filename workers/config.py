@@ -43,6 +43,9 @@ class VadSettings:
     """fit the silence window to the words heard so far (workers/turn_end.py)"""
     complete_ms: int = 300
     """the window after a complete question or command"""
+    complete_confidence: float = 0.55
+    """below this recognizer confidence, complete-looking words get the base window (whisper reads a cut-off
+    "What is the capital of" as "What is the capital?", less sure of it than of a real end); 0 = off"""
     incomplete_ms: int = 1400
     """the window when the words so far end mid-phrase ("set a timer for…")"""
     undecided_ms: int = 1500

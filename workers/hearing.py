@@ -316,7 +316,7 @@ class Hearing:
             current = utterance.paused_rev == rev
             ended = current and utterance.ended is not None
             if current and not ended:
-                self._window_wanted = self.end_of_turn.window_ms(result.text.strip())
+                self._window_wanted = self.end_of_turn.window_ms(result.text.strip(), result.confidence)
                 if result.text.strip():
                     offset = utterance.pause_offsets.get(rev, utterance.start_ms)
                     self.emit(Guess(utterance.number, rev, result.text.strip(), offset))
