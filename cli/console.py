@@ -47,6 +47,7 @@ class ConsoleView:
         self._status = ""
         self._shown_status = ""
         self._heard: set[int] = set()
+        self._clause_open: int | None = None  # the turn whose last piece said ended mid-sentence
 
     # --- supervisor.View --------------------------------------------------------------------
 
@@ -77,7 +78,10 @@ class ConsoleView:
                 self._heard.add(env.turn)
                 self._print(f"You: {body.text}")
         elif isinstance(body, PlayStart) and body.text:
-            self._print(f"Assistant: {body.text}")
+            # the first piece of an answer may be a clause (workers/sentences.py): the rest goes under it
+            label = " " * len("Assistant: ") if self._clause_open == env.turn else "Assistant: "
+            self._clause_open = env.turn if body.text.endswith((",", ":", "—", "–")) else None
+            self._print(label + body.text)
         elif isinstance(body, TurnMetrics):
             self._print(latency_line(body.timings))
         elif isinstance(body, LlmError):

@@ -85,6 +85,8 @@ CONFIGS = {
     "asr-4-threads": {"VOICEBUS_ASR_THREADS": "4"},
     # the short window even for words the recognizer doubts (workers/turn_end.py): what the check costs and saves
     "trust-words": {"VOICEBUS_VAD_COMPLETE_CONFIDENCE": "0"},
+    # the thinker sends whole sentences only, never a first clause (workers/sentences.py): what the clause saves
+    "whole-sentences": {"VOICEBUS_LLM_FIRST_CLAUSE_WORDS": "0"},
 }
 
 WORKER_ROLES = ("listener", "thinker", "speaker")
@@ -433,7 +435,9 @@ class Run:
 
 def base_env(state_dir: Path, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("VOICEBUS_", "OPENAI_"))}
-    env.update({"VOICEBUS_STATE_DIR": str(state_dir), "PYTHONUNBUFFERED": "1"})
+    # One sampling seed for every configuration: the same question after the same history gets the same answer,
+    # so a configuration's latency is not another one's luck with the length of a first sentence.
+    env.update({"VOICEBUS_STATE_DIR": str(state_dir), "PYTHONUNBUFFERED": "1", "VOICEBUS_LLM_SEED": "7"})
     env.update(extra)
     return env
 

@@ -23,7 +23,7 @@ from voicebus.engine.bus import Bus, Endpoints
 from voicebus.engine.client import BusClient
 from voicebus.engine.messages import Envelope, Error, Heartbeat, Interrupt, new_turn_id
 from voicebus.engine.security import Security
-from voicebus.workers.kinds import Ask, AudioIn, LlmSentence
+from voicebus.workers.kinds import Ask, AudioIn, LlmSentence, PlayStart
 from voicebus.workers.thinker import Thinker
 
 from conftest import wait_for
@@ -335,6 +335,22 @@ def test_console_colours_only_on_a_terminal():
     tty = _Terminal()
     ConsoleView(out=tty, err=tty).event("restarting")
     assert COLOUR.search(tty.getvalue())
+
+
+def test_an_answer_s_first_clause_has_its_sentence_go_on_below_it():
+    out = io.StringIO()
+    view = ConsoleView(out=out, err=io.StringIO())
+    for turn, text in [(1, "The planet closest to the Sun is Mercury,"), (1, "which orbits it fast."),
+                       (1, "It is small."), (2, "Four wheels, or so:"), (3, "Hello.")]:
+        view.message(Envelope(kind="play.start", src="speaker@h:1", seq=turn, turn=turn,
+                              body=PlayStart(index=0, text=text)))
+    assert out.getvalue().splitlines() == [
+        "Assistant: The planet closest to the Sun is Mercury,",
+        "           which orbits it fast.",
+        "Assistant: It is small.",
+        "Assistant: Four wheels, or so:",
+        "Assistant: Hello.",  # another turn: its own line
+    ]
 
 
 def test_supervisor_lines_in_a_log_file_carry_no_colour(launcher):

@@ -172,6 +172,11 @@ def test_completeness_of_what_was_said():
         assert completeness(text) == "incomplete", text
     assert completeness("What is 2 plus 24?") == completeness("Wake me at 7.") == "complete"  # digits that end it
     assert completeness("") == completeness("Hello") == "unknown"
+    # a question's last auxiliary ends it only after one was put before the subject; "please" ends a request
+    for text in ("How many legs does a spider have?", "Do you know where it is?", "Play some music please."):
+        assert completeness(text) == "complete", text
+    for text in ("How many legs does?", "How many legs does.", "What is?", "Please.", "Could you please"):
+        assert completeness(text) == "incomplete", text
     windows = EndOfTurn(base_ms=500, complete_ms=300, incomplete_ms=1400)
     assert windows.window_ms("Where is Peru?") == 300
     assert windows.window_ms("Where is the") == 1400 and windows.window_ms(None) == 500

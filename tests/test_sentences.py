@@ -388,3 +388,36 @@ def test_chunking_never_changes_the_result(seed: int) -> None:
 def test_split_clauses(sentence, pieces):
     assert split_clauses(sentence) == pieces
     assert " ".join(split_clauses(sentence)) == sentence
+
+
+@pytest.mark.parametrize(
+    "text, pieces",
+    [
+        ("The planet closest to the Sun is Mercury, which orbits it fast. It is small, and hot.",
+         ["The planet closest to the Sun is Mercury,", "which orbits it fast.", "It is small, and hot."]),
+        ("Yes, it is. Paris, France, is lovely.", ["Yes, it is.", "Paris, France, is lovely."]),  # too short
+        ("There are 1,000 meters in a kilometer, give or take none.",
+         ["There are 1,000 meters in a kilometer,", "give or take none."]),  # a comma inside a number goes on
+        ("A well-known fact — cows drink water: about 30 gallons a day.",
+         ["A well-known fact — cows drink water:", "about 30 gallons a day."]),
+        ("Milk, eggs, butter and bread.", ["Milk, eggs, butter and bread."]),
+    ],
+)
+def test_the_first_piece_may_be_a_clause(text, pieces):
+    for chunks in ([text], list(text), model_tokens(text), random_chunks(text, 5)):
+        cutter = SentenceCutter(first_clause_words=4)
+        out = [piece for chunk in chunks for piece in cutter.feed(chunk)] + cutter.flush()
+        assert out == pieces, chunks
+    # each stream starts anew: the next answer's first piece may be a clause again
+    cutter = SentenceCutter(first_clause_words=4)
+    cutter.feed(text)
+    cutter.flush()
+    assert (cutter.feed(text) + cutter.flush())[0] == pieces[0]
+
+
+def test_a_clause_leaves_once_the_character_after_its_comma_is_known():
+    cutter = SentenceCutter(first_clause_words=4)
+    assert cutter.feed("It is about 1,") == []
+    assert cutter.feed("000 meters,") == []
+    assert cutter.feed(" o") == ["It is about 1,000 meters,"]
+    assert cutter.flush() == ["o"]

@@ -94,6 +94,9 @@ class LlmSettings:
     """local: let llama.cpp repack weights for this CPU: auto (off where the CPU reports AMX,
     llama.cpp issue 20824) | on | off"""
     max_tokens: int = 200
+    first_clause_words: int = 4
+    """the first piece of an answer may end at a comma once it has this many words, so the voice starts
+    sooner (workers/sentences.py); 0 = whole sentences only"""
     temperature: float = 0.2
     """sampling temperature (low: a tiny model wanders when sampled hotly)"""
     seed: int = -1

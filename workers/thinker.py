@@ -457,7 +457,7 @@ class Thinker(Actor):
         messages = self._prompt(job.turn)
         if job.guess:  # the guessed words are in no history yet
             messages.append({"role": "user", "content": job.text})
-        cutter = SentenceCutter()
+        cutter = SentenceCutter(self.settings.llm.first_clause_words)
         pieces: list[str] = []
         finish = "stop"
         stream = self.chat.stream(messages, max_tokens=max_tokens, cancel=job.cancel, prefix=prefix)

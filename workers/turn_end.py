@@ -9,7 +9,10 @@ that fits the guess it has:
   article, preposition, conjunction, possessive, auxiliary, a filler ("um"), a
   number that may go on ("twenty…"), or a trailing comma, dash or ellipsis.
   Recognizers punctuate what they hear, so "What is the capital of." still ends
-  on "of". → the long window.
+  on "of". → the long window. Two such words end a request after all: an
+  auxiliary closing a question that put one before its subject ("How many legs
+  does a spider have?", "Do you know where it is?"; "How many legs does?" is cut
+  off), and "please" closing a sentence of three words or more.
 * **complete** — a question mark, or a sentence end after a few words whose last
   word could end it. → the short window.
 * complete-looking, but the recognizer is unsure of the words (its confidence
@@ -54,6 +57,8 @@ CONTINUES = frozenset(
 )
 """Words after which an English request goes on."""
 
+_AUXILIARIES = frozenset("is are was were am be been can could would should will do does did have has had".split())
+
 _WORD = re.compile(r"[a-z0-9']+")
 _ROUND_NUMBER = re.compile(r"[2-9]0|[1-9]00|[1-9]000")
 """Digits that may go on as "twenty…" does ("20" → "24"): recognizers write numbers as digits."""
@@ -66,11 +71,19 @@ def completeness(text: str) -> str:
     words = _WORD.findall(stripped.lower())
     if not words:
         return "unknown"
-    if _TRAILING_OPEN.search(stripped) or words[-1] in CONTINUES or _ROUND_NUMBER.fullmatch(words[-1]):
+    goes_on = words[-1] in CONTINUES and not _ends_anyway(words, stripped)
+    if _TRAILING_OPEN.search(stripped) or goes_on or _ROUND_NUMBER.fullmatch(words[-1]):
         return "incomplete"
     if stripped.endswith("?") or (stripped.endswith((".", "!")) and len(words) >= 2):
         return "complete"
     return "unknown"
+
+
+def _ends_anyway(words: list[str], text: str) -> bool:
+    """Whether a word of CONTINUES ends this request (see the module doc)."""
+    if words[-1] in _AUXILIARIES:
+        return text.endswith("?") and any(word in _AUXILIARIES for word in words[:-1])
+    return words[-1] == "please" and len(words) >= 3 and text.endswith((".", "!", "?"))
 
 
 @dataclass(frozen=True)
