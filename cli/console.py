@@ -80,7 +80,7 @@ class ConsoleView:
         elif isinstance(body, PlayStart) and body.text:
             # the first piece of an answer may be a clause (workers/sentences.py): the rest goes under it
             label = " " * len("Assistant: ") if self._clause_open == env.turn else "Assistant: "
-            self._clause_open = env.turn if body.text.endswith((",", ":", "—", "–")) else None
+            self._clause_open = env.turn if body.text.endswith((",", ":", "—")) else None
             self._print(label + body.text)
         elif isinstance(body, TurnMetrics):
             self._print(latency_line(body.timings))

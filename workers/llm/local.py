@@ -269,8 +269,6 @@ def model_defaults(*, use_extra_bufts: bool) -> Iterator[None]:
 
 # ggml's log levels (ggml.h: NONE, DEBUG, INFO, WARN, ERROR, CONT). Note
 # llama-cpp-python 0.3.x's own table still uses the older numbering.
-
-
 _LLAMA_LEVELS = {0: logging.DEBUG, 1: logging.DEBUG, 2: logging.DEBUG, 3: logging.WARNING, 4: logging.ERROR}
 _LLAMA_CONT = 5
 _llama_log = logging.getLogger(__name__.rsplit(".", 1)[0] + ".llama_cpp")
