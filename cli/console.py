@@ -11,6 +11,7 @@ import click
 from voicebus.engine.messages import Envelope, Error
 from voicebus.engine.supervisor import ChildStatus
 from voicebus.workers.kinds import Ask, AsrFinal, LlmError, PlayStart, TurnMetrics
+from voicebus.workers.sentences import ends_mid_sentence
 
 STATE_MARKS = {"ready": "●", "running": "●", "loading": "◐", "starting": "○", "restarting": "↻", "stopped": "■", "gave up": "✗"}
 WATCH = ("asr.final", "ctl.ask", "play.start", "metrics.turn", "llm.error", "sys.error")
@@ -80,7 +81,7 @@ class ConsoleView:
         elif isinstance(body, PlayStart) and body.text:
             # the first piece of an answer may be a clause (workers/sentences.py): the rest goes under it
             label = " " * len("Assistant: ") if self._clause_open == env.turn else "Assistant: "
-            self._clause_open = env.turn if body.text.endswith((",", ":", "—")) else None
+            self._clause_open = env.turn if ends_mid_sentence(body.text) else None
             self._print(label + body.text)
         elif isinstance(body, TurnMetrics):
             self._print(latency_line(body.timings))

@@ -13,6 +13,7 @@ from voicebus.engine.client import BusClient
 from voicebus.engine.messages import new_turn_id
 from voicebus.workers.kinds import Ask, LlmAccepted, LlmDone, LlmError, LlmResend, LlmSentence, Say, TurnMetrics
 from voicebus.workers.redelivery import Redelivery
+from voicebus.workers.sentences import ends_mid_sentence
 
 
 ANSWER = ("llm.accepted", "llm.sentence", "llm.done", "llm.error")
@@ -99,6 +100,7 @@ def ask(text: str, timeout: float, source: SettingsSource) -> None:
     settings = source.load()
     notes: set[str] = set()
     error_shown = False
+    line = ""  # a first clause, printed with the rest of its sentence (workers/sentences.py)
     with make_client(settings, "ask") as client:
         # What it handles, not all of llm.: every token of every answer (and a flood of llm.token.*)
         # would pass through this queue, and could hold up the hello that proves the connection.
@@ -106,7 +108,10 @@ def ask(text: str, timeout: float, source: SettingsSource) -> None:
         client.announce()
         for reply in exchange(client, text, new_turn_id(), timeout):
             if isinstance(reply, str):
-                click.echo(reply)
+                line = f"{line} {reply}" if line else reply
+                if not ends_mid_sentence(line):
+                    click.echo(line)
+                    line = ""
             elif isinstance(reply, LlmAccepted) and reply.note not in notes:
                 notes.add(reply.note)
                 click.echo(f"note: {reply.note}", err=True)
@@ -114,7 +119,11 @@ def ask(text: str, timeout: float, source: SettingsSource) -> None:
                 click.echo(f"answer failed: {reply.code}: {reply.message}", err=True)
                 error_shown = True
             elif isinstance(reply, LlmDone):
+                if line:
+                    click.echo(line)
                 sys.exit(_outcome(reply, error_shown=error_shown))
+    if line:
+        click.echo(line)
     click.echo(f"no complete answer within {timeout:.0f} s (is a thinker running on {settings.bus.url}?)", err=True)
     sys.exit(1)
 

@@ -131,6 +131,21 @@ def test_ask_without_a_thinker_times_out_with_a_message(bus):
     assert time.monotonic() - start < 15
 
 
+def test_ask_prints_a_first_clause_with_the_rest_of_its_sentence(bus, make_client, run_actor, scripted):
+    url, _ = scripted
+    watcher = make_client("watcher", subscribe=("llm.sentence", "sys.ready"))
+    run_actor(Thinker, **{"llm.backend": "openai", "llm.base_url": f"{url}/v1", "llm.api_key": "k",
+                          "llm.model": "echo-clause", "llm.timeout_s": 10.0})
+    wait_for(watcher, lambda e: e.kind == "sys.ready" and e.body.name == "thinker", timeout=30)
+    result = run("ask", "The planet closest to the Sun, which orbits it fast", "--bus", bus.endpoints.url,
+                 "--timeout", "20")
+    assert result.returncode == 0, result.stderr
+    pieces = [e.body.text for e in [wait_for(watcher, lambda e: e.kind == "llm.sentence", timeout=10)
+                                    for _ in range(2)]]
+    assert pieces == ["You said: The planet closest to the Sun,", "which orbits it fast."]  # sent as two
+    assert result.stdout.splitlines() == ["You said: The planet closest to the Sun, which orbits it fast."]
+
+
 # --- bad input is one line, at once ------------------------------------------------------------
 
 BAD_BUSES = ["tcp://127.0.0.1:99999", "tcp://127.0.0.1:abc", "tcp://127.0.0.1:-1", "tcp://[::1:7700",

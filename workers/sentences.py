@@ -52,7 +52,7 @@ import re
 import unicodedata
 from typing import Literal
 
-__all__ = ["SentenceCutter", "speakable"]
+__all__ = ["SentenceCutter", "ends_mid_sentence", "speakable"]
 
 _Verdict = Literal["end", "go", "wait"]
 
@@ -180,6 +180,11 @@ class SentenceCutter:
         if run == "." and k == j and _period_goes_on(buf[start:mark], first):
             return "go", k
         return ("go" if first.islower() else "end"), k
+
+
+def ends_mid_sentence(piece: str) -> bool:
+    """Whether a piece the cutter sent is a first clause: its sentence goes on in the next piece."""
+    return piece.endswith(tuple(_CLAUSE_MARKS))
 
 
 def _emit(out: list[str], text: str) -> None:
