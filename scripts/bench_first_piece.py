@@ -36,8 +36,7 @@ from voicebus.workers.stop_phrases import StopPhrases
 DATA = Path(__file__).resolve().parent / "eval_data"
 
 
-def questions() -> list[str]:
-    settings = Settings()
+def questions(settings: Settings) -> list[str]:
     stops = StopPhrases(settings.llm.stop_phrases)
     lines = [line.strip() for name in ("tune.txt", "judge.txt") for line in (DATA / name).read_text().splitlines()]
     return [line for line in lines if line and not line.startswith("#") and not stops.matches(line)]
@@ -70,16 +69,16 @@ def stats(values: list[float]) -> str:
 
 
 def main() -> int:
+    defaults = Settings()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--clause-words", type=int, default=Settings().llm.first_clause_words,
+    parser.add_argument("--clause-words", type=int, default=defaults.llm.first_clause_words,
                         help="words a first clause needs (default: the setting's default)")
     parser.add_argument("--limit", type=int, default=0, help="only the first N questions")
     args = parser.parse_args()
     if args.clause_words < 1:
         parser.error("--clause-words must be at least 1")
-    defaults = Settings()
     settings = replace(defaults, llm=replace(defaults.llm, seed=7))  # the same answers run after run
-    asked = questions()[: args.limit or None]
+    asked = questions(settings)[: args.limit or None]
     print(f"loading the chat model and the voice; {len(asked)} questions", file=sys.stderr)
     chat = open_chat(settings)
     synth = open_synthesizer(settings)
