@@ -19,9 +19,14 @@ pytestmark = pytest.mark.slow
 
 def speech(path: Path, parts: list) -> Path:
     """A WAV of piper-spoken texts and silences (floats, seconds), in order."""
+    from piper import SynthesisConfig
+
     from voicebus.workers.tts.piper import PiperSynthesizer
 
     voice = PiperSynthesizer()
+    # Piper samples noise on every call; without it the same text always sounds the same, so what whisper
+    # hears does not depend on the draw (with it, "France" was once heard as "friends" in CI).
+    voice._syn_config = SynthesisConfig(noise_scale=0.0, noise_w_scale=0.0)
     pcm = b""
     for part in parts:
         pcm += b"".join(voice.synthesize(part)) if isinstance(part, str) else bytes(int(voice.sample_rate * part) * 2)
