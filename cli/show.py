@@ -167,6 +167,8 @@ class _Builder:
         elif kind in ("llm.error", "sys.error"):
             s.errors.append(f"{body.get('code', '')}: {body.get('message', '')}")
             s.mark(t, "error", "error", s.errors[-1], first=False)
+        elif kind == "play.ready":
+            s.mark(t, f"ready{body.get('rev')}", f"answer to guess {body.get('rev')} ready", "held until confirmed")
         elif kind == "play.start":
             s.mark(t, "first_audio", "first audio", repr(_clip(str(body.get("text", "")))))
         elif kind == "play.stopped":

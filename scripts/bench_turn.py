@@ -87,6 +87,8 @@ CONFIGS = {
     "trust-words": {"VOICEBUS_VAD_COMPLETE_CONFIDENCE": "0"},
     # the thinker sends whole sentences only, never a first clause (workers/sentences.py): what the clause saves
     "whole-sentences": {"VOICEBUS_LLM_FIRST_CLAUSE_WORDS": "0"},
+    # the turn ends on the words' window alone, not held open until the guess's answer is ready (vad.hold_ms)
+    "no-hold": {"VOICEBUS_VAD_HOLD_MS": "0"},
 }
 
 WORKER_ROLES = ("listener", "thinker", "speaker")

@@ -8,6 +8,7 @@ test_eval_asr.py.
 
 from __future__ import annotations
 
+import threading
 import time
 
 import numpy as np
@@ -57,13 +58,23 @@ class Scripted:
         return Transcript(self.words[min(len(self.calls), len(self.words)) - 1], self.confidence)
 
 
-def run(recognizer, pcm: bytes, *, realtime: bool = True, **end_of_turn) -> list[tuple[float, object]]:
-    """Feed ``pcm`` frame by frame (at real time: decoding overlaps the audio); (seconds, event) pairs."""
+def run(recognizer, pcm: bytes, *, realtime: bool = True, hold_ms: int = 0, answered=None,
+        ready_after_s: float | None = None, **end_of_turn) -> list[tuple[float, object]]:
+    """Feed ``pcm`` frame by frame (at real time: decoding overlaps the audio); (seconds, event) pairs.
+
+    With ``ready_after_s``, the answer to each guess is ready that long after the guess (as the speaker's
+    play.ready would say)."""
     events: list[tuple[float, object]] = []
     start = time.monotonic()
-    hearing = Hearing(recognizer, Endpointer(silence_ms=end_of_turn.get("base_ms", 500)),
-                      lambda e: events.append((time.monotonic() - start, e)),
-                      end_of_turn=EndOfTurn(**end_of_turn) if end_of_turn else None)
+
+    def emit(event: object) -> None:
+        events.append((time.monotonic() - start, event))
+        if isinstance(event, Guess) and ready_after_s is not None:
+            threading.Timer(ready_after_s, hearing.answer_ready, (event.utterance, event.rev)).start()
+
+    hearing = Hearing(recognizer, Endpointer(silence_ms=end_of_turn.get("base_ms", 500)), emit,
+                      end_of_turn=EndOfTurn(**end_of_turn) if end_of_turn else None, hold_ms=hold_ms,
+                      answered=answered)
     for i in range(0, len(pcm) - FRAME_BYTES + 1, FRAME_BYTES):
         hearing.feed(pcm[i : i + FRAME_BYTES])
         if realtime:
@@ -116,6 +127,55 @@ def test_speech_resuming_after_a_pause_revokes_the_guess(say):
     guesses, [revoked], [final] = of(events, Guess), of(events, Revoked), of(events, Final)
     assert guesses[0].text == "Set a timer for" and revoked.rev == guesses[0].rev
     assert final.text == "Set a timer for ten minutes." and final.guess > revoked.rev
+
+
+def test_a_guess_holds_the_turn_open_until_its_answer_is_ready(say):
+    pcm = silence(500) + say("What is the capital of France?") + silence(2500)
+    events = run(Scripted(["What is the capital of France?"]), pcm, hold_ms=1400, ready_after_s=0.6)
+    [guess], [ended], [final] = of(events, Guess), of(events, Ended), of(events, Final)
+    at = {type(e): t for t, e in events}
+    assert 0.55 < at[Ended] - at[Guess] < 0.8  # not at the words' 300 ms window: when the answer was ready
+    assert final.guess == guess.rev and not ended.held_in_vain
+    assert ended.silence_ms == 300  # the words' window is back once the answer is ready
+
+
+def test_an_answer_ready_at_once_ends_the_turn_at_the_words_window(say):
+    pcm = silence(500) + say("What is the capital of France?") + silence(2000)
+    held = run(Scripted(["What is the capital of France?"]), pcm, hold_ms=1400, ready_after_s=0.0)
+    plain = run(Scripted(["What is the capital of France?"]), pcm)
+    [held_end], [plain_end] = of(held, Ended), of(plain, Ended)
+    waited = {name: {type(e): t for t, e in events}[Ended] - end.offset_ms / 1000
+              for name, events, end in (("held", held, held_end), ("plain", plain, plain_end))}
+    assert waited["held"] < waited["plain"] + 0.1, waited  # the hold never adds to the words' own window
+    assert waited["held"] >= 0.3 - 0.05 and not held_end.held_in_vain
+
+
+def test_an_answer_that_never_comes_is_waited_for_up_to_hold_ms(say):
+    pcm = silence(500) + say("What is the capital of France?") + silence(2500)
+    events = run(Scripted(["What is the capital of France?"]), pcm, hold_ms=1000)
+    [ended] = of(events, Ended)
+    at = {type(e): t for t, e in events}
+    assert 0.85 < at[Ended] - ended.offset_ms / 1000 < 1.25 and ended.held_in_vain  # (the VAD ends a window 90 % silent)
+    # words nobody will answer (a stop phrase, no speaker) are not held for
+    events = run(Scripted(["Goodbye."]), silence(500) + say("Goodbye.") + silence(2000), hold_ms=1000,
+                 answered=lambda text: text != "Goodbye.")
+    [ended] = of(events, Ended)
+    assert not ended.held_in_vain and {type(e): t for t, e in events}[Ended] - ended.offset_ms / 1000 < 0.8
+
+
+def test_going_on_while_the_answer_is_prepared_revokes_the_guess_instead_of_cutting_in(say):
+    pcm = silence(500) + say("What is the capital of France?") + silence(700) + say("And of Spain?") + silence(2500)
+    words = ["What is the capital of France?", "What is the capital of France? And of Spain?"]
+    held = run(Scripted(words), pcm, hold_ms=1400, ready_after_s=0.9)
+    assert len(of(held, Ended)) == 1 and len(of(held, Revoked)) == 1
+    assert of(held, Final)[0].text == words[1]
+    # with the words' window alone, the 700 ms pause after a whole question ended the turn
+    assert len(of(run(Scripted(words), pcm), Ended)) == 2
+
+
+def test_hold_ms_out_of_range_is_a_config_error():
+    with pytest.raises(ConfigError, match="hold_ms"):
+        Hearing(Scripted([""]), Endpointer(), lambda e: None, hold_ms=-1)
 
 
 def test_words_that_end_mid_phrase_lengthen_the_window(say):

@@ -9,7 +9,7 @@ import pytest
 
 from voicebus.engine.client import BusClient
 from voicebus.workers.audio import write_wav
-from voicebus.workers.kinds import LlmAccepted, LlmDone, PlayStart, TurnMetrics
+from voicebus.workers.kinds import LlmAccepted, LlmDone, PlayReady, PlayStart, TurnMetrics
 from voicebus.workers.listener import Listener
 
 from conftest import wait_for
@@ -100,6 +100,21 @@ def test_a_guess_goes_out_at_the_pause_and_the_final_confirms_it(run_listener, m
     ends = [e for e in seen if e.kind == "vad.end"]
     assert seen.index(next(e for e in seen if e.kind == "asr.guess")) < seen.index(ends[0])
     assert final.timings["asr_s"] < 0.15, final.timings  # the final was ready when the window closed
+
+
+def test_the_turn_ends_once_the_answer_to_its_guess_is_ready(run_listener, make_client, two_questions):
+    client = make_client("test", subscribe=("vad.", "asr.", "sys.ready"))
+    # Held open for up to 3 s of silence, longer than the 2 s between the questions: only the speaker's
+    # play.ready can end the first turn before the second question begins.
+    run_listener(two_questions, fast=False, **{"vad.hold_ms": 3000})
+    guess = wait_for(client, lambda e: e.kind == "asr.guess", timeout=60)
+    time.sleep(0.3)  # the answer takes a while to prepare
+    ready_at = time.time()
+    client.publish(PlayReady(rev=guess.body.rev), turn=guess.turn)
+    seen = collect_until(client, lambda e: e.kind == "asr.final", timeout=30)
+    end = next(e for e in seen if e.kind == "vad.end")
+    assert end.turn == guess.turn and not [e for e in seen if e.kind in ("asr.revoke", "vad.start")]
+    assert end.ts - ready_at < 0.5 and seen[-1].body.guess == guess.body.rev
 
 
 def test_barge_in_interrupts_the_speaking_turn(run_listener, make_client, two_questions):

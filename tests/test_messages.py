@@ -49,7 +49,7 @@ def test_registered_kinds_cover_the_design():
         "ctl.shutdown", "ctl.interrupt", "ctl.ask", "ctl.say",
         "audio.in", "vad.start", "vad.end", "asr.partial", "asr.final", "asr.nomatch",
         "llm.token", "llm.sentence", "llm.done", "llm.error",
-        "play.start", "play.done", "play.stopped", "metrics.turn",
+        "play.ready", "play.start", "play.done", "play.stopped", "metrics.turn",
     }
     assert expected <= set(kinds())
     assert body_class("ctl.interrupt").urgent and body_class("ctl.shutdown").urgent

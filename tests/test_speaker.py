@@ -156,7 +156,10 @@ def test_a_guess_is_prepared_held_and_plays_at_once_when_confirmed(speaker, make
     ready(client)
     turn = new_turn_id()
     _prepared(client, turn, 1, ["Paris is the capital of France.", "It is a big city."])
-    assert not [e for e in _quiet(client, 1.5) if e.kind == "play.start"], "held audio was played"
+    held = _quiet(client, 1.5)
+    assert not [e for e in held if e.kind == "play.start"], "held audio was played"
+    # announced once, when its first audio is held: the listener ends the turn no sooner than that
+    assert [(e.turn, e.body.rev) for e in held if e.kind == "play.ready"] == [(turn, 1)]
     confirmed = time.monotonic()
     client.publish(AsrFinal(text="what is the capital of france", guess=1), turn=turn)
     start = wait_for(client, lambda e: e.kind == "play.start" and e.turn == turn, timeout=10)

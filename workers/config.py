@@ -53,6 +53,10 @@ class VadSettings:
     speculate: bool = True
     """publish a tentative transcript at each pause (asr.guess): the thinker and speaker prepare the answer
     while the silence window runs, and nothing of it is heard or remembered unless the final confirms it"""
+    hold_ms: int = 1400
+    """(speculate) the turn ends no sooner than the answer to the guess is ready to play, up to this much
+    silence: ending it sooner plays nothing sooner, and someone who only paused can go on (workers/hearing.py);
+    0 = end on the words' window alone"""
     preroll_ms: int = 300
     min_speech_ms: int = 200
     background_db: float = 0.0

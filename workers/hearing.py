@@ -25,6 +25,13 @@ The silence window that ends an utterance adapts to what was said (see
 While the decode of a pause is running, the window is the undecided one: the
 turn ends when the words say it may, never on a race between the recognizer
 and a timer.
+
+With ``hold_ms``, a guess that will be answered holds the turn open until its
+answer is ready to play (``answer_ready``), up to ``hold_ms`` of silence; the
+words' window stays the least. Ending the turn sooner would make nothing play
+sooner, since the answer is not there yet; waiting lets a person who only paused
+go on speaking, which revokes the guess instead of getting an answer to half a
+question.
 """
 
 from __future__ import annotations
@@ -35,10 +42,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from voicebus.engine.errors import VoicebusError
+from voicebus.engine.errors import ConfigError, VoicebusError
 from voicebus.workers.asr.base import Transcript
 from voicebus.workers.turn_end import EndOfTurn
-from voicebus.workers.vad import Endpointer, SpeechEnd, SpeechPause, SpeechResume, SpeechStart
+from voicebus.workers.vad import MAX_SILENCE_MS, Endpointer, SpeechEnd, SpeechPause, SpeechResume, SpeechStart
 
 
 # --- events -----------------------------------------------------------------------------------
@@ -80,6 +87,8 @@ class Ended:
     speech_ms: int
     silence_ms: int
     """the silence window that ended it"""
+    held_in_vain: bool = False
+    """the window was held open for the answer to a guess, and no answer was ready by its end"""
 
 
 @dataclass(frozen=True)
@@ -141,6 +150,10 @@ class _Utterance:
     """rev → where its pause began (stream ms)"""
     ended: Ended | None = None
     finalized: bool = False
+    holding: int = 0
+    """the rev whose answer the turn is held open for (0: none)"""
+    words_window: int = 0
+    """(holding) the window the words ask for: what is left once the answer is ready"""
 
 
 class Hearing:
@@ -159,13 +172,21 @@ class Hearing:
         *,
         end_of_turn: EndOfTurn | None = None,
         min_audio_ms: int = 100,
+        hold_ms: int = 0,
+        answered: Callable[[str], bool] | None = None,
     ) -> None:
+        """``hold_ms``: the longest silence that waits for a guess's answer (0: none; see the module doc);
+        ``answered``: whether an answer to these guessed words will be prepared and announced."""
+        if not 0 <= hold_ms <= MAX_SILENCE_MS:
+            raise ConfigError(f"vad.hold_ms must be between 0 and {MAX_SILENCE_MS}, got {hold_ms}")
         self.recognizer = recognizer
         self.batch = hasattr(recognizer, "transcribe")
         self.vad = endpointer
         self.emit = emit
         self.end_of_turn = end_of_turn or EndOfTurn(endpointer.silence_ms)
         self._min_audio = min_audio_ms * 32
+        self.hold_ms = hold_ms
+        self._answered = answered or (lambda text: True)
         self._lock = threading.Lock()
         self._current: _Utterance | None = None
         self._count = 0
@@ -259,6 +280,7 @@ class Hearing:
         self.vad.silence_ms = self.end_of_turn.window_ms(None)
         with self._lock:  # under the lock, so a Guess and its Revoked cannot cross between threads
             rev, utterance.paused_rev = utterance.paused_rev, 0
+            utterance.holding = 0
             if rev in utterance.guesses and utterance.guesses[rev].text.strip():
                 self.emit(Revoked(utterance.number, rev))
 
@@ -269,7 +291,9 @@ class Hearing:
             ignoring, self._ignoring = self._ignoring, False
         if utterance is None or ignoring:
             return
-        ended = Ended(utterance.number, event.offset_ms, event.speech_ms, self.vad.silence_ms)
+        with self._lock:
+            in_vain = utterance.holding != 0  # (a resumption clears it: still set, it was this pause's)
+        ended = Ended(utterance.number, event.offset_ms, event.speech_ms, self.vad.silence_ms, in_vain)
         self.emit(ended)
         if not self.batch:
             self._finalize_streaming(utterance)
@@ -316,12 +340,26 @@ class Hearing:
             current = utterance.paused_rev == rev
             ended = current and utterance.ended is not None
             if current and not ended:
-                self._window_wanted = self.end_of_turn.window_ms(result.text.strip(), result.confidence)
+                window = self.end_of_turn.window_ms(result.text.strip(), result.confidence)
+                if self.hold_ms and result.text.strip() and self._answered(result.text.strip()):
+                    utterance.holding, utterance.words_window = rev, window
+                    window = max(window, self.hold_ms)
+                self._window_wanted = window
                 if result.text.strip():
                     offset = utterance.pause_offsets.get(rev, utterance.start_ms)
                     self.emit(Guess(utterance.number, rev, result.text.strip(), offset))
         if ended:
             self._finalize(utterance, rev, result, decode_s)
+
+    def answer_ready(self, number: int, rev: int) -> None:
+        """The answer to guess ``rev`` of utterance ``number`` is ready to play: the turn may end as soon
+        as the words' own window has passed (any thread)."""
+        with self._lock:
+            utterance = self._current
+            if utterance is None or utterance.number != number or utterance.holding != rev:
+                return  # a guess revoked or ended meanwhile, or not held for
+            utterance.holding = 0
+            self._window_wanted = utterance.words_window
 
     # --- decode thread ------------------------------------------------------------------------
 

@@ -43,6 +43,7 @@ from voicebus.workers.kinds import (
 )
 from voicebus.workers.listener_progress import Progress, ProgressFile, run_key
 from voicebus.workers.redelivery import ANSWER_KINDS, Redelivery
+from voicebus.workers.stop_phrases import StopPhrases
 from voicebus.workers.turnlog import BARGE_IN
 from voicebus.workers.turn_end import EndOfTurn
 from voicebus.workers.vad import endpointer_for
@@ -85,6 +86,9 @@ class Listener(Actor):
         self._base_ms = 0
         """input time where this listener started reading (a restarted one resumes mid-file)"""
         self.no_news_s = NO_NEWS_S
+        self._stop_phrases = StopPhrases(settings.llm.stop_phrases)
+        self._answers_announced = True
+        """whether guesses get a play.ready here (no speaker, or one that prepares nothing: not worth waiting)"""
 
     def backends(self) -> dict[str, str]:
         return {"asr": self.settings.asr.backend, "input": self.settings.audio.input}
@@ -103,7 +107,11 @@ class Listener(Actor):
             return  # text only: utterances arrive as ctl.ask, straight to the thinker
         print(f"listener: loading {self.settings.asr.backend} speech recognition…", file=sys.stderr, flush=True)
         recognizer = backends.open_recognizer(self.settings, progress=self._progress_line)
-        self.hearing = Hearing(recognizer, endpointer_for(vad), self._heard, end_of_turn=EndOfTurn.from_settings(vad))
+        self.hearing = Hearing(
+            recognizer, endpointer_for(vad), self._heard, end_of_turn=EndOfTurn.from_settings(vad),
+            # (audio.fast reads a file faster than real time: nobody waits, and the hold would be stream time)
+            hold_ms=vad.hold_ms if vad.speculate and not audio.fast else 0, answered=self._answer_coming,
+        )
         self._recognizer = recognizer
         self._thread = threading.Thread(target=self._listen, name="listener-audio", daemon=True)
         self._thread.start()
@@ -127,6 +135,19 @@ class Listener(Actor):
         with self._lock:
             self._speaking = env.turn
         self.redelivery.heard(env.turn, env.kind, time.monotonic())
+
+    @handles("play.ready")
+    def on_play_ready(self, env: Envelope) -> None:
+        """The answer to a guess is ready to play: its turn need not be held open any longer."""
+        self._answers_announced = True
+        utterance = next((u for u, turn in list(self._turns.items()) if turn == env.turn), None)
+        if utterance is not None and self.hearing is not None:
+            self.hearing.answer_ready(utterance, env.body.rev)
+
+    def _answer_coming(self, text: str) -> bool:
+        """Whether the thinker and speaker will prepare (and announce) an answer to these guessed words:
+        the thinker does not answer a stop phrase, and without a speaker nothing is announced."""
+        return self._answers_announced and not self._stop_phrases.matches(text)
 
     @handles("metrics.turn")
     def on_turn_finished(self, env: Envelope) -> None:
@@ -299,6 +320,8 @@ class Listener(Actor):
 
     def _speech_ended(self, event: Ended, turn: int) -> None:
         assert self.hearing is not None
+        if event.held_in_vain:
+            self._answers_announced = False  # until a play.ready shows answers are prepared again
         now = time.time()
         behind_s = (self.hearing.vad.offset_ms - event.offset_ms) / 1000 if not self.settings.audio.fast else 0.0
         speech_end = now - behind_s

@@ -28,7 +28,8 @@ confirmed yet. They are synthesized at once but their audio is *held*. The
 confirmed) releases it to playback at once; ``asr.revoke``, a newer guess, a
 final that confirms something else, or the thinker's ``revoked`` end drops it.
 Nothing held is ever played without a confirmation, so a speaker that missed
-one plays nothing rather than a wrong answer.
+one plays nothing rather than a wrong answer. The first audio held for a guess
+is announced (``play.ready``): the listener ends the turn no sooner than that.
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ from voicebus.workers.kinds import (
     LlmResend,
     LlmSentence,
     PlayDone,
+    PlayReady,
     PlayStart,
     PlayStopped,
     Say,
@@ -391,15 +393,16 @@ class Speaker(Actor):
             if self._is_stopped(turn) or (guess and not self._preparing(turn, guess)):
                 continue
             chunks = self._held.setdefault((turn, guess), []) if guess else None
-            self._synthesize(turn, index, text, chunks)
+            self._synthesize(turn, index, text, chunks, guess)
             if guess:
                 with self._lock:
                     state = self._turns.get(turn)
                     if state is not None:
                         state.timings.setdefault("guess_ready", time.time())
 
-    def _synthesize(self, turn: int, index: int, text: str, held: list[Chunk] | None) -> None:
-        """Synthesize one sentence into playback's queue, or into ``held`` while its guess is unconfirmed."""
+    def _synthesize(self, turn: int, index: int, text: str, held: list[Chunk] | None, guess: int = 0) -> None:
+        """Synthesize one sentence into playback's queue, or into ``held`` while its guess is unconfirmed
+        (the first audio held for a guess is announced: the listener ends the turn no sooner than that)."""
         assert self.synth is not None
         put = held.append if held is not None else self._chunks.put
         # The first sentence of a turn goes out clause by clause: the user hears it sooner.
@@ -411,6 +414,8 @@ class Speaker(Actor):
                     break
                 total += len(pcm)
                 put(Chunk(turn, index, text, pcm))
+                if held is not None and len(held) == 1:
+                    self.bus.publish(PlayReady(rev=guess), turn=turn)
             put(Chunk(turn, index, text, None, total_ms=self._ms(total)))
         except Exception as exc:  # one sentence failing must not silence the rest
             self.bus.report("speaker.synthesize", exc)
