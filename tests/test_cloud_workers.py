@@ -16,6 +16,7 @@ from voicebus.workers.listener import Listener
 from voicebus.workers.speaker import Speaker
 
 from conftest import wait_for
+from support.voices import steady_piper
 
 pytest.importorskip("azure.cognitiveservices.speech")
 pytestmark = pytest.mark.slow
@@ -26,9 +27,7 @@ AZURE = {"asr.speech_key": "0" * 32, "asr.speech_region": "westeurope"}
 @pytest.fixture(scope="module")
 def two_questions(tmp_path_factory):
     from voicebus.workers.audio import write_wav
-    from voicebus.workers.tts.piper import PiperSynthesizer
-
-    voice = PiperSynthesizer()
+    voice = steady_piper()
     pcm = bytes(voice.sample_rate)
     for text in ("What time is it?", "Is anybody there?"):
         pcm += b"".join(voice.synthesize(text)) + bytes(voice.sample_rate * 4)

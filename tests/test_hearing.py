@@ -21,14 +21,14 @@ from voicebus.workers.hearing import Ended, Final, Guess, Hearing, NoMatch, Revo
 from voicebus.workers.turn_end import EndOfTurn, completeness
 from voicebus.workers.vad import Endpointer
 
+from support.voices import steady_piper
+
 pytestmark = pytest.mark.slow  # piper synthesis
 
 
 @pytest.fixture(scope="module")
 def say():
-    from voicebus.workers.tts.piper import PiperSynthesizer
-
-    voice = PiperSynthesizer()
+    voice = steady_piper()
     resampler = Resampler(voice.sample_rate, RATE)
 
     def speak(text: str) -> bytes:

@@ -13,20 +13,14 @@ from voicebus.workers.kinds import LlmAccepted, LlmDone, PlayReady, PlayStart, T
 from voicebus.workers.listener import Listener
 
 from conftest import wait_for
+from support.voices import steady_piper
 
 pytestmark = pytest.mark.slow
 
 
 def speech(path: Path, parts: list) -> Path:
     """A WAV of piper-spoken texts and silences (floats, seconds), in order."""
-    from piper import SynthesisConfig
-
-    from voicebus.workers.tts.piper import PiperSynthesizer
-
-    voice = PiperSynthesizer()
-    # Piper samples noise on every call; without it the same text always sounds the same, so what whisper
-    # hears does not depend on the draw (with it, "France" was once heard as "friends" in CI).
-    voice._syn_config = SynthesisConfig(noise_scale=0.0, noise_w_scale=0.0)
+    voice = steady_piper()
     pcm = b""
     for part in parts:
         pcm += b"".join(voice.synthesize(part)) if isinstance(part, str) else bytes(int(voice.sample_rate * part) * 2)

@@ -18,6 +18,7 @@ from voicebus.engine.client import BusClient
 from voicebus.workers.audio import read_wav, write_wav
 
 from support.procs import ask
+from support.voices import steady_piper
 
 pytestmark = pytest.mark.slow
 
@@ -35,9 +36,7 @@ def overlap(expected: str, got: str) -> float:
 
 @pytest.fixture(scope="session")
 def voice():
-    from voicebus.workers.tts.piper import PiperSynthesizer
-
-    synth = PiperSynthesizer()
+    synth = steady_piper()
     yield synth
     synth.close()
 
