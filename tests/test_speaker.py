@@ -151,6 +151,27 @@ def _quiet(client: BusClient, seconds: float) -> list:
     return seen
 
 
+def test_held_audio_plays_on_confirmation_without_waiting_for_the_synthesis_under_way(speaker, make_client):
+    client = make_client("test", subscribe=("play.", "metrics.", "sys.ready"))
+    ready(client)
+    turn = new_turn_id()
+    # The first clause is held (and announced) long before the long rest of the sentence is synthesized.
+    rest = ("and it is a very large city with many museums, parks, old bridges, busy cafes and long wide avenues "
+            "that people from all over the world come to see in every season of the year")
+    _prepared(client, turn, 1, [f"Paris is the capital of France, {rest}.", "It is a big city."])
+    wait_for(client, lambda e: e.kind == "play.ready" and e.turn == turn, timeout=30)
+    confirmed = time.monotonic()
+    client.publish(AsrFinal(text="what is the capital of france", guess=1), turn=turn)
+    start = wait_for(client, lambda e: e.kind == "play.start" and e.turn == turn, timeout=30)
+    waited = time.monotonic() - confirmed
+    print(f"confirmation → first audio while the rest is synthesized: {waited * 1000:.0f} ms")
+    assert waited < 0.25 and start.body.index == 0
+    client.publish(LlmDone(finish_reason="stop", sentences=2), turn=turn)
+    seen = []
+    wait_for(client, lambda e: seen.append(e) or e.kind == "metrics.turn", timeout=60)
+    assert [e.body.index for e in seen if e.kind == "play.done"] == [0, 1]  # all of it, once, in order
+
+
 def test_a_guess_is_prepared_held_and_plays_at_once_when_confirmed(speaker, make_client):
     client = make_client("test", subscribe=("play.", "metrics.", "sys.ready"))
     ready(client)

@@ -105,7 +105,8 @@ class AsrFinal(Body, kind="asr.final"):
     text: str
     confidence: float | None = None
     timings: dict[str, float] = field(default_factory=dict)
-    """speech_end, vad_end, final (epoch seconds), asr_s (vad.end → final), decode_s, silence_window_s"""
+    """speech_end, vad_end, final (epoch seconds), asr_s (vad.end → final), decode_s, silence_window_s (the
+    window the words asked for; the turn may have been held open longer, until its answer was ready)"""
     guess: int = 0
     """the guess (rev) this final confirms, its text being the guess's; 0: none, and any guess of the turn is void"""
 

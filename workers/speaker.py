@@ -70,7 +70,8 @@ GAP_WAIT_S = 0.3
 """A gap this old is asked for again (sentences of one sender normally arrive in order within ms)."""
 RESEND_EVERY_S = 2.0
 RELEASE = -1
-"""Synthesis-queue marker: the guess was confirmed, its held audio goes to playback."""
+"""Synthesis-queue marker: the guess was confirmed, its held audio goes to playback (when playback's queue
+had no room for it at the confirmation; else it went at once)."""
 DROP = -2
 """Synthesis-queue marker: the turn's held audio is void."""
 
@@ -161,8 +162,12 @@ class Speaker(Actor):
         self._lock = threading.Lock()
         self._sentences: queue.Queue[tuple[int, int, str, int] | None] = queue.Queue()
         """(turn, index, text, guess) to synthesize; guess > 0 holds the audio; or a marker (index RELEASE/DROP)"""
+        self._held_lock = threading.Lock()
+        """guards _held and _released (taken after self._lock, never before it)"""
         self._held: dict[tuple[int, int], list[Chunk]] = {}
-        """(turn, guess) → synthesized audio waiting for the guess to be confirmed (synthesis thread only)"""
+        """(turn, guess) → synthesized audio waiting for the guess to be confirmed"""
+        self._released: set[tuple[int, int]] = set()
+        """(turn, guess) confirmed: audio synthesized for it from now on goes straight to playback"""
         self._chunks: queue.Queue[Chunk | None] = queue.Queue(maxsize=64)
         self._threads: list[threading.Thread] = []
         self._playing: tuple[int, int] | None = None
@@ -191,6 +196,8 @@ class Speaker(Actor):
             state = self._turns[turn] = Turn(turn)
             for old in sorted(self._turns)[:-TURNS_REMEMBERED]:
                 del self._turns[old]
+                with self._held_lock:
+                    self._released = {key for key in self._released if key[0] != old}
         return state
 
     @handles("vad.end")
@@ -337,12 +344,25 @@ class Speaker(Actor):
         self._maybe_finish(state)
 
     def _confirm(self, state: Turn) -> None:
-        """The guess is the turn: its held audio plays now (a marker in the synthesis queue keeps the order)."""
+        """The guess is the turn: its held audio goes to playback now, not after the synthesis under way
+        (the listener ends the turn when the first audio is held, so the rest of the sentence usually is
+        still being synthesized then: waiting for it cost ~100 ms a turn)."""
         state.confirmed = True
         state.timings.setdefault("confirmed", time.time())
         if state.guess in state.guess_at:
             state.timings.setdefault("guess", state.guess_at[state.guess])
-        self._sentences.put((state.turn, RELEASE, "", state.guess))
+        key = (state.turn, state.guess)
+        with self._held_lock:  # the synthesis thread adds to held audio under it: the order stays
+            held = self._held.get(key, [])
+            while held:
+                try:
+                    self._chunks.put_nowait(held[0])
+                except queue.Full:  # playback is far behind: the synthesis thread releases the rest
+                    self._sentences.put((state.turn, RELEASE, "", state.guess))
+                    return
+                held.pop(0)
+            self._held.pop(key, None)
+            self._released.add(key)
 
     def _drop_guess(self, state: Turn) -> None:
         if not state.confirmed:
@@ -392,19 +412,25 @@ class Speaker(Actor):
                 continue
             if self._is_stopped(turn) or (guess and not self._preparing(turn, guess)):
                 continue
-            chunks = self._held.setdefault((turn, guess), []) if guess else None
-            self._synthesize(turn, index, text, chunks, guess)
+            self._synthesize(turn, index, text, guess)
             if guess:
                 with self._lock:
                     state = self._turns.get(turn)
                     if state is not None:
                         state.timings.setdefault("guess_ready", time.time())
 
-    def _synthesize(self, turn: int, index: int, text: str, held: list[Chunk] | None, guess: int = 0) -> None:
-        """Synthesize one sentence into playback's queue, or into ``held`` while its guess is unconfirmed
+    def _synthesize(self, turn: int, index: int, text: str, guess: int = 0) -> None:
+        """Synthesize one sentence into playback's queue, or hold it while its guess is unconfirmed
         (the first audio held for a guess is announced: the listener ends the turn no sooner than that)."""
         assert self.synth is not None
-        put = held.append if held is not None else self._chunks.put
+
+        def put(chunk: Chunk) -> None:
+            kept, first = self._hold(turn, guess, chunk) if guess else (False, False)
+            if not kept:
+                self._chunks.put(chunk)
+            elif first:
+                self.bus.publish(PlayReady(rev=guess), turn=turn)
+
         # The first sentence of a turn goes out clause by clause: the user hears it sooner.
         pieces = split_clauses(text) if index == 0 else [text]
         try:
@@ -414,8 +440,6 @@ class Speaker(Actor):
                     break
                 total += len(pcm)
                 put(Chunk(turn, index, text, pcm))
-                if held is not None and len(held) == 1:
-                    self.bus.publish(PlayReady(rev=guess), turn=turn)
             put(Chunk(turn, index, text, None, total_ms=self._ms(total)))
         except Exception as exc:  # one sentence failing must not silence the rest
             self.bus.report("speaker.synthesize", exc)
@@ -427,9 +451,23 @@ class Speaker(Actor):
             state = self._turns.get(turn)
             return state is not None and state.guess == guess
 
+    def _hold(self, turn: int, guess: int, chunk: Chunk) -> tuple[bool, bool]:
+        """Keep a chunk of an unconfirmed guess's answer: (kept, the first audio kept). Not kept once the
+        guess is confirmed: the caller sends it to playback, after what the confirmation moved there."""
+        with self._held_lock:
+            if (turn, guess) in self._released:
+                return False, False
+            held = self._held.setdefault((turn, guess), [])
+            held.append(chunk)
+            return True, len(held) == 1 and chunk.pcm is not None
+
     def _chunks_of(self, turn: int, guess: int, *, play: bool) -> None:
-        """A guess's held audio: to playback, in order (confirmed), or away (void)."""
-        for chunk in self._held.pop((turn, guess), []):
+        """(synthesis thread) A guess's held audio: to playback, in order (confirmed), or away (void)."""
+        with self._held_lock:
+            chunks = self._held.pop((turn, guess), [])
+            if play:
+                self._released.add((turn, guess))
+        for chunk in chunks:
             if play:
                 self._chunks.put(chunk)
 
