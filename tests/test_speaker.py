@@ -308,3 +308,27 @@ def test_with_publish_audio_the_played_voice_goes_on_the_bus_as_it_was_played(ru
     pcm, rate = read_wav(wav)  # read_wav gives 16 kHz: compare durations
     played_s = sum(len(e.body.pcm) for e in blocks) / 2 / blocks[0].body.rate
     assert played_s > 0.5 and abs(played_s - len(pcm) / 2 / rate) < 0.05
+
+
+def test_held_audio_keeps_its_order_when_playback_has_no_room_at_the_confirmation():
+    from voicebus.workers.config import Settings
+    from voicebus.workers.speaker import RELEASE, Chunk, Turn
+
+    speaker = Speaker(None, Settings())  # no bus and no threads: the release's bookkeeping alone
+    turn, guess = 7, 1
+    for _ in range(speaker._chunks.maxsize - 1):  # playback far behind: room for one chunk
+        speaker._chunks.put_nowait(Chunk(1, 0, "an older turn", b"o"))
+    held = [Chunk(turn, 0, "Paris.", b"a"), Chunk(turn, 0, "Paris.", b"b"), Chunk(turn, 0, "Paris.", None)]
+    assert [speaker._hold(turn, guess, chunk) for chunk in held] == [(True, True), (True, False), (True, False)]
+    state = Turn(turn)
+    state.guess = guess
+    speaker._confirm(state)
+    # One chunk went at once; the synthesis thread releases the rest, and what it synthesizes meanwhile
+    # is still held, so nothing overtakes what was held before.
+    assert speaker._sentences.get_nowait() == (turn, RELEASE, "", guess)
+    later = Chunk(turn, 1, "It is big.", b"c")
+    assert speaker._hold(turn, guess, later) == (True, False)
+    assert [speaker._chunks.get_nowait() for _ in range(speaker._chunks.maxsize)][-1] is held[0]
+    speaker._chunks_of(turn, guess, play=True)
+    assert [speaker._chunks.get_nowait() for _ in range(3)] == [held[1], held[2], later]
+    assert speaker._hold(turn, guess, Chunk(turn, 1, "It is big.", None)) == (False, False)  # now: straight on
