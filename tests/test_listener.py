@@ -111,6 +111,22 @@ def test_the_turn_ends_once_the_answer_to_its_guess_is_ready(run_listener, make_
     assert end.ts - ready_at < 0.5 and seen[-1].body.guess == guess.body.rev
 
 
+def test_a_hold_in_vain_stops_holding_until_an_answer_is_announced_again(run_listener, make_client, two_questions):
+    client = make_client("test", subscribe=("vad.", "asr.", "sys.ready"))
+    # Held up to 1.5 s, less than the 2 s between the questions: the first turn ends in vain (no speaker here).
+    run_listener(two_questions, fast=False, **{"vad.hold_ms": 1500})
+    first = wait_for(client, lambda e: e.kind == "asr.guess", timeout=60)
+    end = wait_for(client, lambda e: e.kind == "vad.end" and e.turn == first.turn, timeout=10)
+    assert end.ts - first.ts > 0.5
+    client.publish(PlayReady(rev=first.body.rev), turn=first.turn)  # late: answers are prepared after all
+    second = wait_for(client, lambda e: e.kind == "asr.guess" and e.turn != first.turn, timeout=30)
+    time.sleep(0.15)  # its words' window has passed: not held, it would have ended by now
+    ready_at = time.time()
+    client.publish(PlayReady(rev=second.body.rev), turn=second.turn)
+    end = wait_for(client, lambda e: e.kind == "vad.end" and e.turn == second.turn, timeout=10)
+    assert ready_at < end.ts < ready_at + 0.5  # held again, until its answer was ready
+
+
 def test_barge_in_interrupts_the_speaking_turn(run_listener, make_client, two_questions):
     client = make_client("test", subscribe=("vad.start", "ctl.interrupt", "sys.ready"))
     run_listener(two_questions, fast=False)

@@ -172,6 +172,18 @@ def test_held_audio_plays_on_confirmation_without_waiting_for_the_synthesis_unde
     assert [e.body.index for e in seen if e.kind == "play.done"] == [0, 1]  # all of it, once, in order
 
 
+def test_the_first_audio_of_a_guess_confirmed_before_it_was_made_is_announced_too(speaker, make_client):
+    client = make_client("test", subscribe=("play.", "sys.ready"))
+    ready(client)
+    turn = new_turn_id()
+    _prepared(client, turn, 1, ["Paris is the capital of France."])
+    client.publish(AsrFinal(text="what is the capital of france", guess=1), turn=turn)
+    # a listener whose earlier hold waited in vain learns from it that answers are prepared here
+    seen = []
+    wait_for(client, lambda e: seen.append(e) or e.kind == "play.start", timeout=30)
+    assert [(e.turn, e.body.rev) for e in seen if e.kind == "play.ready"] == [(turn, 1)]
+
+
 def test_a_guess_is_prepared_held_and_plays_at_once_when_confirmed(speaker, make_client):
     client = make_client("test", subscribe=("play.", "metrics.", "sys.ready"))
     ready(client)
@@ -319,7 +331,7 @@ def test_held_audio_keeps_its_order_when_playback_has_no_room_at_the_confirmatio
     for _ in range(speaker._chunks.maxsize - 1):  # playback far behind: room for one chunk
         speaker._chunks.put_nowait(Chunk(1, 0, "an older turn", b"o"))
     held = [Chunk(turn, 0, "Paris.", b"a"), Chunk(turn, 0, "Paris.", b"b"), Chunk(turn, 0, "Paris.", None)]
-    assert [speaker._hold(turn, guess, chunk) for chunk in held] == [(True, True), (True, False), (True, False)]
+    assert all(speaker._hold(turn, guess, chunk) for chunk in held)
     state = Turn(turn)
     state.guess = guess
     speaker._confirm(state)
@@ -327,8 +339,8 @@ def test_held_audio_keeps_its_order_when_playback_has_no_room_at_the_confirmatio
     # is still held, so nothing overtakes what was held before.
     assert speaker._sentences.get_nowait() == (turn, RELEASE, "", guess)
     later = Chunk(turn, 1, "It is big.", b"c")
-    assert speaker._hold(turn, guess, later) == (True, False)
+    assert speaker._hold(turn, guess, later)
     assert [speaker._chunks.get_nowait() for _ in range(speaker._chunks.maxsize)][-1] is held[0]
     speaker._chunks_of(turn, guess, play=True)
     assert [speaker._chunks.get_nowait() for _ in range(3)] == [held[1], held[2], later]
-    assert speaker._hold(turn, guess, Chunk(turn, 1, "It is big.", None)) == (False, False)  # now: straight on
+    assert not speaker._hold(turn, guess, Chunk(turn, 1, "It is big.", None))  # now: straight on

@@ -187,7 +187,8 @@ class LlmError(Body, kind="llm.error"):
 
 @dataclass(frozen=True, kw_only=True)
 class PlayReady(Body, kind="play.ready"):
-    """The speaker holds the first audio of its answer to guess ``rev``: a confirmation plays it at once.
+    """The first audio of the answer to guess ``rev`` is ready: held, a confirmation plays it at once (or
+    already playing, when the confirmation came first).
 
     The listener waits for it (up to ``vad.hold_ms``) before it ends the turn: ending it sooner would
     make nothing play sooner, and a person who goes on speaking meanwhile revokes a guess instead of

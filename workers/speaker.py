@@ -420,15 +420,20 @@ class Speaker(Actor):
                         state.timings.setdefault("guess_ready", time.time())
 
     def _synthesize(self, turn: int, index: int, text: str, guess: int = 0) -> None:
-        """Synthesize one sentence into playback's queue, or hold it while its guess is unconfirmed
-        (the first audio held for a guess is announced: the listener ends the turn no sooner than that)."""
+        """Synthesize one sentence into playback's queue, or hold it while its guess is unconfirmed.
+
+        The first audio of a guess's answer is announced (``play.ready``), held or, if the confirmation
+        came first, playing: the listener ends a turn no sooner than that, and an announcement that comes
+        late still tells it that answers are prepared here."""
         assert self.synth is not None
+        announce = guess != 0 and index == 0
 
         def put(chunk: Chunk) -> None:
-            kept, first = self._hold(turn, guess, chunk) if guess else (False, False)
-            if not kept:
+            nonlocal announce
+            if not (guess and self._hold(turn, guess, chunk)):
                 self._chunks.put(chunk)
-            elif first:
+            if announce and chunk.pcm is not None:
+                announce = False
                 self.bus.publish(PlayReady(rev=guess), turn=turn)
 
         # The first sentence of a turn goes out clause by clause: the user hears it sooner.
@@ -451,15 +456,14 @@ class Speaker(Actor):
             state = self._turns.get(turn)
             return state is not None and state.guess == guess
 
-    def _hold(self, turn: int, guess: int, chunk: Chunk) -> tuple[bool, bool]:
-        """Keep a chunk of an unconfirmed guess's answer: (kept, the first audio kept). Not kept once the
-        guess is confirmed: the caller sends it to playback, after what the confirmation moved there."""
+    def _hold(self, turn: int, guess: int, chunk: Chunk) -> bool:
+        """Keep a chunk of an unconfirmed guess's answer. Not kept (False) once the guess is confirmed: the
+        caller sends it to playback, after what the confirmation moved there."""
         with self._held_lock:
             if (turn, guess) in self._released:
-                return False, False
-            held = self._held.setdefault((turn, guess), [])
-            held.append(chunk)
-            return True, len(held) == 1 and chunk.pcm is not None
+                return False
+            self._held.setdefault((turn, guess), []).append(chunk)
+            return True
 
     def _chunks_of(self, turn: int, guess: int, *, play: bool) -> None:
         """(synthesis thread) A guess's held audio: to playback, in order (confirmed), or away (void)."""
