@@ -173,8 +173,10 @@ class _Builder:
             s.mark(t, "first_audio", "first audio", repr(_clip(str(body.get("text", "")))))
         elif kind == "play.stopped":
             what = f"sentence {body.get('index')}: {body.get('spoken_ms')} of {body.get('total_ms')} ms heard"
-            s.stopped.append(f"{body.get('reason', '')}: {what}")
-            s.mark(t, "stopped", "playback stopped", s.stopped[-1], first=False)
+            stop = f"{body.get('reason', '')}: {what}"
+            if stop not in s.stopped:  # the speaker says a stop again until the thinker acknowledges it
+                s.stopped.append(stop)
+                s.mark(t, "stopped", "playback stopped", stop, first=False)
         elif kind == "play.done":
             s.marks["played"] = t
         elif kind == "ctl.interrupt":

@@ -48,7 +48,7 @@ def test_registered_kinds_cover_the_design():
         "sup.started", "sup.exited", "sup.restarting", "sup.gave_up",
         "ctl.shutdown", "ctl.interrupt", "ctl.ask", "ctl.say",
         "audio.in", "vad.start", "vad.end", "asr.partial", "asr.final", "asr.nomatch",
-        "llm.token", "llm.sentence", "llm.done", "llm.error",
+        "llm.token", "llm.sentence", "llm.done", "llm.error", "llm.heard",
         "play.ready", "play.start", "play.done", "play.stopped", "metrics.turn",
     }
     assert expected <= set(kinds())

@@ -9,7 +9,17 @@ import pytest
 from voicebus.engine.client import BusClient
 from voicebus.engine.messages import Interrupt, new_turn_id
 from voicebus.workers.audio import read_wav
-from voicebus.workers.kinds import AsrFinal, AsrGuess, AsrRevoke, LlmDone, LlmSentence, LlmToken, Say, VadEnd
+from voicebus.workers.kinds import (
+    AsrFinal,
+    AsrGuess,
+    AsrRevoke,
+    LlmDone,
+    LlmHeard,
+    LlmSentence,
+    LlmToken,
+    Say,
+    VadEnd,
+)
 from voicebus.workers.speaker import Speaker, latencies
 
 from conftest import wait_for
@@ -300,6 +310,33 @@ def test_an_interrupt_stops_a_turn_not_heard_of_yet_and_is_answered_with_its_end
                                                            and e.turn == finished), timeout=10)
     assert metrics.kind == "metrics.turn" and metrics.body.outcome == "done"
     assert not [e for e in seen if e.kind == "play.start" and e.turn == turn], "a stopped turn played"
+
+
+def test_a_stop_is_said_again_until_a_thinker_acknowledges_it_or_time_runs_out(run_actor, make_client, tmp_path,
+                                                                               monkeypatch, capfd):
+    """A stop lost on its way to the thinker would leave the whole answer in the history (chaos seed 6: a
+    flood filled the thinker's queue). The speaker says it again until llm.heard, for a while at most."""
+    import voicebus.workers.speaker as speaker_module
+
+    monkeypatch.setattr(speaker_module, "RESEND_EVERY_S", 0.3)
+    monkeypatch.setattr(speaker_module, "STOP_OFFERED_S", 2.0)
+    run_actor(Speaker, **{"audio.output": str(tmp_path / "out.wav")})
+    client = make_client("test", subscribe=("play.stopped", "sys.ready"))
+    ready(client)
+    heard, ignored = new_turn_id(), new_turn_id() + 1
+    for turn in (heard, ignored):
+        client.publish(Interrupt(reason="barge-in"), turn=turn)
+    stops: dict[int, list[float]] = {heard: [], ignored: []}
+    until = time.monotonic() + 4.0
+    while (env := client.recv(timeout=max(0.0, until - time.monotonic()))) is not None:
+        if env.kind == "play.stopped":
+            stops[env.turn].append(time.monotonic())
+            if env.turn == heard and len(stops[heard]) == 2:
+                client.publish(LlmHeard(index=env.body.index, spoken_ms=env.body.spoken_ms), turn=heard)
+    assert len(stops[heard]) in (2, 3), "said again until acknowledged, then never"  # (3: one crossed it)
+    offered = stops[ignored]
+    assert len(offered) >= 4 and offered[-1] - offered[0] < 2.0 + 0.5, "said again for STOP_OFFERED_S, then not"
+    assert f"no thinker acknowledged the stop of turn {ignored}" in capfd.readouterr().err
 
 
 def test_with_publish_audio_the_played_voice_goes_on_the_bus_as_it_was_played(run_actor, make_client, tmp_path):

@@ -172,6 +172,16 @@ class LlmDone(Body, kind="llm.done"):
 
 
 @dataclass(frozen=True, kw_only=True)
+class LlmHeard(Body, kind="llm.heard"):
+    """The thinker took a ``play.stopped`` into account: the turn's history keeps what was heard (or
+    there was nothing of the turn to cut). The speaker says its stop again until this comes."""
+
+    index: int
+    spoken_ms: int
+    """the stop it answers (``play.stopped``'s index and spoken_ms)"""
+
+
+@dataclass(frozen=True, kw_only=True)
 class LlmResend(Body, kind="llm.resend"):
     """Send this turn's sentences again from ``from_index`` (a receiver found a gap)."""
 

@@ -19,8 +19,10 @@ ended already is answered with that end again (``play.stopped`` or
 
 A turn is finished when all its sentences (``llm.done`` says how many) are
 played; then ``metrics.turn`` carries the stage timestamps. A turn stopped
-(``play.stopped``) says so again when its ``llm.done`` comes: a thinker that
-took the turn only after the stop learns what was heard.
+(``play.stopped``) says so again when its ``llm.done`` comes (a thinker that
+took the turn only after the stop learns what was heard), and every
+``RESEND_EVERY_S`` until the thinker acknowledges it (``llm.heard``): a stop
+lost on its way would leave the whole answer in the history.
 
 Speculation: sentences marked with a ``guess`` answer a transcript nobody has
 confirmed yet. They are synthesized at once but their audio is *held*. The
@@ -52,6 +54,7 @@ from voicebus.workers.kinds import (
     AsrRevoke,
     AudioOut,
     LlmDone,
+    LlmHeard,
     LlmResend,
     LlmSentence,
     PlayDone,
@@ -69,6 +72,8 @@ TURNS_REMEMBERED = 256
 GAP_WAIT_S = 0.3
 """A gap this old is asked for again (sentences of one sender normally arrive in order within ms)."""
 RESEND_EVERY_S = 2.0
+STOP_OFFERED_S = 60.0
+"""How long a stop is said again while no thinker acknowledges it (one may be restarting meanwhile)."""
 RELEASE = -1
 """Synthesis-queue marker: the guess was confirmed, its held audio goes to playback (when playback's queue
 had no room for it at the confirmation; else it went at once)."""
@@ -97,6 +102,10 @@ class Turn:
     stop_reason: str = ""
     stop_report: PlayStopped | None = None
     """what play.stopped said (said again to a thinker that ends the turn later)"""
+    stop_offered_at: float = 0.0
+    """(monotonic) when the stop was last said"""
+    stop_unheard_since: float | None = None
+    """(monotonic) since when the stop waits for the thinker's llm.heard; None: acknowledged"""
     gap_since: float | None = None
     resent_at: float = 0.0
     timings: dict[str, float] = field(default_factory=dict)
@@ -289,10 +298,20 @@ class Speaker(Actor):
             if state.stop_report is not None:
                 # The thinker ends a turn this speaker stopped: it may have taken the turn only after the
                 # stop (it was down), so it hears again what was heard, for the history.
-                self.bus.publish(state.stop_report, turn=state.turn)
+                state.stop_unheard_since = None
+                self._offer_stop(state)
                 return
             self._advance(state)
             self._maybe_finish(state)
+
+    @handles("llm.heard")
+    def on_heard(self, env: Envelope) -> None:
+        assert isinstance(env.body, LlmHeard)
+        with self._lock:
+            state = self._turns.get(env.turn)
+            report = state.stop_report if state is not None else None
+            if report is not None and (report.index, report.spoken_ms) == (env.body.index, env.body.spoken_ms):
+                state.stop_unheard_since = None
 
     @handles("ctl.interrupt")
     def on_interrupt(self, env: Envelope) -> None:
@@ -314,11 +333,13 @@ class Speaker(Actor):
                 self._stop_turn(state, reason)
 
     def tick(self) -> None:
-        """Ask again for sentences that went missing."""
+        """Ask again for sentences that went missing; say again stops no thinker acknowledged."""
         now = time.monotonic()
         wanted = []
         with self._lock:
             for state in self._turns.values():
+                if state.stop_unheard_since is not None and now - state.stop_offered_at >= RESEND_EVERY_S:
+                    self._offer_stop(state)
                 if not state.has_gap():
                     state.gap_since = None
                     continue
@@ -390,8 +411,22 @@ class Speaker(Actor):
         if state.stop_report is not None:
             return
         state.stop_report = PlayStopped(index=index, reason=reason, spoken_ms=spoken_ms, total_ms=total_ms)
-        self.bus.publish(state.stop_report, turn=state.turn)
+        self._offer_stop(state)
         self.bus.publish(TurnMetrics(timings=latencies(state.timings), outcome="interrupted"), turn=state.turn)
+
+    def _offer_stop(self, state: Turn) -> None:
+        """Say the turn's stop (again), until the thinker acknowledges it or STOP_OFFERED_S have passed."""
+        assert state.stop_report is not None
+        now = time.monotonic()
+        if state.stop_unheard_since is None:
+            state.stop_unheard_since = now
+        elif now - state.stop_unheard_since > STOP_OFFERED_S:
+            state.stop_unheard_since = None
+            print(f"speaker: no thinker acknowledged the stop of turn {state.turn} in {STOP_OFFERED_S:.0f} s;"
+                  " its history may keep more of the answer than was heard", file=sys.stderr, flush=True)
+            return
+        state.stop_offered_at = now
+        self.bus.publish(state.stop_report, turn=state.turn)
 
     def _is_stopped(self, turn: int) -> bool:
         with self._lock:

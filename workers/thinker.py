@@ -15,7 +15,8 @@ and did not finish, sends what was already said, and continues the answer.
 
 Memory keeps what the user received: a text turn (``ctl.ask``) keeps the whole
 answer the asker was sent; a voice turn (``asr.final``) keeps what was heard,
-cut where ``play.stopped`` says playback stopped.
+cut where ``play.stopped`` says playback stopped. ``llm.heard`` acknowledges a
+stop once the history has it (the speaker says the stop again until then).
 
 Speculation: an ``asr.guess`` (a tentative transcript at a pause) that finds the
 thinker idle starts an answer at once. Its sentences go out marked with the
@@ -46,6 +47,7 @@ from voicebus.workers.kinds import (
     LlmAccepted,
     LlmDone,
     LlmError,
+    LlmHeard,
     LlmResend,
     LlmSentence,
     LlmToken,
@@ -313,16 +315,20 @@ class Thinker(Actor):
             index, spoken_ms, total_ms = played, 0, 0
         with self._wake:
             current = self._current
-            if current is not None and current.turn == env.turn and not current.guess:
-                answer = current.answer
-                if current.channel == VOICE:  # a text turn was delivered as text: playback does not cut it
-                    answer.heard = spoken_part(answer.sentences, index, spoken_ms, total_ms)
-                    current.reason = current.reason or body.reason
-                    current.cancel.set()
+            # A text turn was delivered as text: playback does not cut it.
+            if current is not None and current.turn == env.turn and not current.guess and current.channel == VOICE:
+                current.answer.heard = spoken_part(current.answer.sentences, index, spoken_ms, total_ms)
+                current.reason = current.reason or body.reason
+                current.cancel.set()
+                # Not acknowledged yet: the speaker says its stop again at this turn's llm.done, and the
+                # history takes it then, once the turn is recorded as finished.
                 return
         if record is not None and record.done and record.channel == VOICE:
             said = [s.text for s in record.sentences if s.raw]
             self.log.finish(env.turn, record.finish, record.reason, spoken_part(said, index, spoken_ms, total_ms))
+        # Recorded, or nothing to cut (a text turn, one not answered yet, one this thinker never had): a turn
+        # answered later ends with an llm.done, which brings the stop again.
+        self.bus.publish(LlmHeard(index=body.index, spoken_ms=body.spoken_ms), turn=env.turn)
 
     def _position(self, turn: int) -> int | None:
         """Where ``turn`` is among the queued and running turns (0 = being answered), or None.
