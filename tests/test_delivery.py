@@ -8,6 +8,7 @@ accepted; the history keeps what the user received (text: all; voice: what was h
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import threading
 import time
@@ -23,6 +24,7 @@ from voicebus.workers.thinker import Thinker
 from voicebus.workers.turnlog import TEXT, TurnLog
 
 from conftest import wait_for
+from support.procs import poll
 
 
 @pytest.fixture
@@ -366,6 +368,27 @@ def test_a_restarted_speakers_stop_keeps_what_its_predecessor_played(thinker, ma
 
 
 @pytest.mark.slow
+def _spoken_over_while_the_thinker_is_down(client: BusClient, thinker: Thinker) -> int:
+    """A voice turn answered whole, the thinker stopped, then the user speaks over the answer: the turn."""
+    turn = new_turn_id()
+    client.publish(AsrFinal(text="Count to eight."), turn=turn)
+    until_done(client, turn)  # recorded whole; the speaker plays it in real time, half a second a sentence
+    wait_for(client, lambda e: e.kind == "play.done" and e.turn == turn, timeout=30)
+    thinker.stop("down for the test")
+    wait_for(client, lambda e: e.kind == "sys.bye" and e.body.name == "thinker", timeout=10)
+    client.publish(Interrupt(reason="barge-in"), turn=turn)
+    return turn
+
+
+def _the_history_keeps_what_was_heard(client: BusClient, tmp_path: Path, turn: int, stop: PlayStopped) -> None:
+    """A thinker acknowledges the stop, and the history keeps the answer up to it."""
+    heard = wait_for(client, lambda e: e.kind == "llm.heard" and e.turn == turn, timeout=30).body
+    assert (heard.index, heard.spoken_ms) == (stop.index, stop.spoken_ms)
+    answer = next(text for t, role, text in history(tmp_path) if t == turn and role == "assistant")
+    words = ["One.", "Two.", "Three.", "Four.", "Five.", "Six.", "Seven.", "Eight."]
+    assert answer.startswith(" ".join(words[:stop.index])) and len(answer) < len(" ".join(words))
+
+
 def test_a_stop_the_thinker_was_down_for_reaches_the_history(thinker, run_actor, make_client, tmp_path):
     """Found by scripts/chaos.py (seed 6): under a flood the thinker's queue dropped the speaker's stop,
     and the history kept a whole answer the user had spoken over. Here the thinker is down when the stop
@@ -378,25 +401,41 @@ def test_a_stop_the_thinker_was_down_for_reaches_the_history(thinker, run_actor,
     run_actor(Speaker, **{"audio.output": str(tmp_path / "out.wav")})
     waiting = {"thinker", "speaker"}
     wait_for(client, lambda e: e.kind == "sys.ready" and not waiting.discard(e.body.name) and not waiting, timeout=60)
-    turn = new_turn_id()
-    client.publish(AsrFinal(text="Count to eight."), turn=turn)
-    until_done(client, turn)  # recorded whole; the speaker plays it in real time, half a second a sentence
-    wait_for(client, lambda e: e.kind == "play.done" and e.turn == turn, timeout=30)
-    first.stop("down for the test")
-    wait_for(client, lambda e: e.kind == "sys.bye" and e.body.name == "thinker", timeout=10)
-    client.publish(Interrupt(reason="barge-in"), turn=turn)
+    turn = _spoken_over_while_the_thinker_is_down(client, first)
     stop = wait_for(client, lambda e: e.kind == "play.stopped" and e.turn == turn, timeout=10).body
     assert 1 <= stop.index < 8
     thinker("count-stoplost-8")
-    heard = wait_for(client, lambda e: e.kind == "llm.heard" and e.turn == turn, timeout=30).body
-    assert (heard.index, heard.spoken_ms) == (stop.index, stop.spoken_ms)
-    answer = next(text for t, role, text in history(tmp_path) if t == turn and role == "assistant")
-    words = ["One.", "Two.", "Three.", "Four.", "Five.", "Six.", "Seven.", "Eight."]
-    assert answer.startswith(" ".join(words[:stop.index])) and len(answer) < len(" ".join(words))
+    _the_history_keeps_what_was_heard(client, tmp_path, turn, stop)
     # Acknowledged: the speaker stops saying it.
     quiet_until = time.monotonic() + 3 * 2.0  # three times the speaker's RESEND_EVERY_S
     while (env := client.recv(timeout=max(0.0, quiet_until - time.monotonic()))) is not None:
         assert not (env.kind == "play.stopped" and env.turn == turn), "said again after llm.heard"
+
+
+def test_a_stop_outlives_the_speaker_that_made_it(thinker, bus, launcher, make_client, tmp_path):
+    """A speaker killed before any thinker acknowledged its stop: its successor says the stop again, as
+    the first one measured it, so the history still keeps only what was heard. (The stop is made while
+    the thinker is down, as when a flood drops it on its way; the listener, which heard it, asks no more.)"""
+    client = make_client("test", subscribe=("llm.", "play.", "sys."))
+    first = thinker("count-stopkept-8")
+    up = launcher.up("--only", "speaker", "--join-bus", "--bus", bus.endpoints.url, "--insecure",
+                     "--input", "none", "--output", str(tmp_path / "out.wav"), label="speaker")
+    waiting = {"thinker", "speaker"}
+    wait_for(client, lambda e: e.kind == "sys.ready" and not waiting.discard(e.body.name) and not waiting, timeout=90)
+    turn = _spoken_over_while_the_thinker_is_down(client, first)
+    made = wait_for(client, lambda e: e.kind == "play.stopped" and e.turn == turn, timeout=10)
+    stop = made.body
+    assert 1 <= stop.index < 8 and 0 < stop.spoken_ms < stop.total_ms
+    old = int(made.src.rsplit(":", 1)[1])
+    os.kill(old, signal.SIGKILL)
+    again = wait_for(client, lambda e: e.kind == "play.stopped" and e.turn == turn
+                     and int(e.src.rsplit(":", 1)[1]) not in (old, up.pid), timeout=90)
+    assert again.body == stop, "the new speaker says the stop as its predecessor measured it"
+    assert "saying again the stop of turn" in up.stderr()
+    thinker("count-stopkept-8")
+    _the_history_keeps_what_was_heard(client, tmp_path, turn, stop)
+    kept = tmp_path / "state-speaker" / "runs"
+    poll(lambda: not list(kept.glob("speaker-*.json")), 5, "acknowledged, the stop no longer kept")
 
 
 def test_a_barge_in_stops_a_text_answers_audio_not_the_answer(thinker, make_client, tmp_path):

@@ -339,6 +339,35 @@ def test_a_stop_is_said_again_until_a_thinker_acknowledges_it_or_time_runs_out(r
     assert f"no thinker acknowledged the stop of turn {ignored}" in capfd.readouterr().err
 
 
+def test_a_new_speaker_says_again_the_recent_stops_its_predecessor_kept(run_actor, make_client, tmp_path):
+    """Stops no thinker acknowledged are kept on disk for the speaker that replaces this one; only recent
+    ones (STOP_OFFERED_S) are said again, and a record that is not a stop is ignored."""
+    import json
+
+    from voicebus.workers.run_state import run_key
+    from voicebus.workers.speaker import STOP_OFFERED_S
+
+    wav = tmp_path / "out.wav"
+    recent, stale, garbled = new_turn_id(), new_turn_id() + 1, new_turn_id() + 2
+    stop = {"index": 2, "reason": "barge-in", "spoken_ms": 640, "total_ms": 1800}
+    kept = tmp_path / "runs" / f"speaker-{run_key(str(wav))}.json"
+    kept.parent.mkdir()
+    kept.write_text(json.dumps({str(recent): {**stop, "since": time.time() - 5},
+                                str(stale): {**stop, "since": time.time() - STOP_OFFERED_S - 5},
+                                str(garbled): {"index": "two", "since": time.time()}}))
+    client = make_client("test", subscribe=("play.stopped", "sys.ready"))
+    run_actor(Speaker, **{"audio.output": str(wav)})
+    said = wait_for(client, lambda e: e.kind == "play.stopped", timeout=60)
+    assert said.turn == recent and said.body.to_dict() == stop
+    assert json.loads(kept.read_text()).keys() == {str(recent)}, "what is no stop to say again is forgotten"
+    client.publish(LlmHeard(index=2, spoken_ms=640), turn=recent)
+    deadline = time.monotonic() + 5
+    while kept.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not kept.exists(), "acknowledged: nothing left to keep"
+    assert not [e for e in _quiet(client, 2.5) if e.kind == "play.stopped"]
+
+
 def test_with_publish_audio_the_played_voice_goes_on_the_bus_as_it_was_played(run_actor, make_client, tmp_path):
     """audio.out, for recorders (`up --record`, `show --export-audio`): the blocks the sink was given."""
     wav = tmp_path / "out.wav"

@@ -41,7 +41,8 @@ from voicebus.workers.kinds import (
     VadEnd,
     VadStart,
 )
-from voicebus.workers.listener_progress import Progress, ProgressFile, run_key
+from voicebus.workers.listener_progress import Progress, ProgressFile
+from voicebus.workers.run_state import run_key
 from voicebus.workers.redelivery import ANSWER_KINDS, Redelivery
 from voicebus.workers.stop_phrases import StopPhrases
 from voicebus.workers.turnlog import BARGE_IN

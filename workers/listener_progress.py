@@ -8,22 +8,15 @@
   Audio of an utterance that was still being spoken is read again, so it is
   heard whole, once.
 
-The record belongs to one run: it is keyed by the input and by the process
-that supervises the listener (its pid and start time, which survive a
-listener restart but not a new ``voicebus up``). It is written atomically
-(temporary file, then rename) and removed when the run ends cleanly.
+The record is a ``RunFile`` (see ``run_state``): it belongs to one run of one input.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import psutil
+from voicebus.workers.run_state import RunFile
 
 
 @dataclass
@@ -41,40 +34,22 @@ class Progress:
     """pending turns the user spoke over (they end with both the thinker's and the speaker's word)"""
 
 
-def run_key(input_spec: str) -> str:
-    """Identifies this run of this input: survives a listener restart, not a new supervisor."""
-    parent = os.getppid()
-    try:
-        started = psutil.Process(parent).create_time()
-    except psutil.Error:
-        started = 0.0
-    spec = str(Path(input_spec).resolve()) if input_spec not in ("mic", "none") else input_spec
-    return hashlib.sha256(f"{spec}\0{parent}\0{started}".encode()).hexdigest()[:16]
-
-
 class ProgressFile:
     """One run's progress record under ``folder``."""
 
     def __init__(self, folder: Path, key: str) -> None:
         self.path = folder / f"listener-{key}.json"
+        self.file = RunFile(self.path)
 
     def load(self) -> Progress:
+        data = self.file.load()
         try:
-            data = json.loads(self.path.read_text(encoding="utf-8"))
             return Progress(**{k: v for k, v in data.items() if k in Progress.__dataclass_fields__})
-        except (OSError, ValueError, TypeError):
+        except TypeError:
             return Progress()
 
     def save(self, progress: Progress) -> None:
-        """Best effort: an unwritable state folder costs the resume, not the run."""
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=".listener-", dir=self.path.parent)
-            with os.fdopen(fd, "w", encoding="utf-8") as out:
-                json.dump(asdict(progress), out)
-            os.replace(tmp, self.path)
-        except OSError:
-            pass
+        self.file.save(asdict(progress))
 
     def remove(self) -> None:
-        self.path.unlink(missing_ok=True)
+        self.file.remove()

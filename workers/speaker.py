@@ -22,7 +22,9 @@ played; then ``metrics.turn`` carries the stage timestamps. A turn stopped
 (``play.stopped``) says so again when its ``llm.done`` comes (a thinker that
 took the turn only after the stop learns what was heard), and every
 ``RESEND_EVERY_S`` until the thinker acknowledges it (``llm.heard``): a stop
-lost on its way would leave the whole answer in the history.
+lost on its way would leave the whole answer in the history. Stops not yet
+acknowledged are kept on disk (``run_state``), so that a speaker restarted
+meanwhile says them again.
 
 Speculation: sentences marked with a ``guess`` answer a transcript nobody has
 confirmed yet. They are synthesized at once but their audio is *held*. The
@@ -44,6 +46,7 @@ from dataclasses import dataclass, field
 
 from voicebus.engine.actor import Actor, handles
 from voicebus.engine.client import BusClient
+from voicebus.engine.errors import ProtocolError
 from voicebus.engine.messages import Envelope
 from voicebus.workers import backends
 from voicebus.workers.audio import open_sink
@@ -65,6 +68,7 @@ from voicebus.workers.kinds import (
     TurnMetrics,
     VadEnd,
 )
+from voicebus.workers.run_state import RunFile, run_key
 from voicebus.workers.sentences import split_clauses
 
 BLOCK_MS = 20
@@ -181,6 +185,8 @@ class Speaker(Actor):
         self._threads: list[threading.Thread] = []
         self._playing: tuple[int, int] | None = None
         """(turn, index) of the sentence on the sink right now"""
+        self._unheard_file: RunFile | None = None
+        """the stops no thinker has acknowledged yet, for a speaker that replaces this one"""
 
     def backends(self) -> dict[str, str]:
         return {"tts": self.settings.tts.backend, "output": self.settings.audio.output}
@@ -190,12 +196,48 @@ class Speaker(Actor):
         self.synth = backends.open_synthesizer(self.settings)
         audio = self.settings.audio
         self.sink = open_sink(audio.output, self.synth.sample_rate, realtime=not audio.fast)
+        runs = backends.state_dir(self.settings) / "runs"
+        self._unheard_file = RunFile(runs / f"speaker-{run_key(audio.output)}.json")
+        self._resume_unheard()
         self._threads = [
             threading.Thread(target=self._synthesize_loop, name="speaker-synth", daemon=True),
             threading.Thread(target=self._playback_loop, name="speaker-play", daemon=True),
         ]
         for thread in self._threads:
             thread.start()
+
+    def _resume_unheard(self) -> None:
+        """Say again the stops a previous speaker of this run made and no thinker acknowledged (recent ones)."""
+        assert self._unheard_file is not None
+        now, wall = time.monotonic(), time.time()
+        for turn, stop in self._unheard_file.load().items():
+            try:
+                age = wall - float(stop["since"])
+                report = PlayStopped.from_dict(stop)
+                turn = int(turn)
+            except (KeyError, TypeError, ValueError, ProtocolError):
+                continue  # not a record a speaker wrote
+            if age > STOP_OFFERED_S:
+                continue
+            print(f"speaker: saying again the stop of turn {turn}, which no thinker acknowledged before this "
+                  "speaker started", file=sys.stderr, flush=True)
+            state = self._turn(turn)
+            state.stopped, state.stop_reason, state.stop_report = True, report.reason, report
+            state.stop_unheard_since = now - max(0.0, age)  # said at the first tick
+        self._save_unheard()
+
+    def _save_unheard(self) -> None:
+        """(lock held, or before the bus loop starts) The stops waiting for llm.heard, as they are now."""
+        if self._unheard_file is None:
+            return
+        now, wall = time.monotonic(), time.time()
+        unheard = {str(state.turn): {**state.stop_report.to_dict(), "since": wall - (now - state.stop_unheard_since)}
+                   for state in self._turns.values()
+                   if state.stop_report is not None and state.stop_unheard_since is not None}
+        if unheard:
+            self._unheard_file.save(unheard)
+        else:
+            self._unheard_file.remove()
 
     # --- handlers (bus loop) ----------------------------------------------------------------
 
@@ -311,7 +353,9 @@ class Speaker(Actor):
             state = self._turns.get(env.turn)
             report = state.stop_report if state is not None else None
             if report is not None and (report.index, report.spoken_ms) == (env.body.index, env.body.spoken_ms):
-                state.stop_unheard_since = None
+                if state.stop_unheard_since is not None:
+                    state.stop_unheard_since = None
+                    self._save_unheard()
 
     @handles("ctl.interrupt")
     def on_interrupt(self, env: Envelope) -> None:
@@ -420,8 +464,10 @@ class Speaker(Actor):
         now = time.monotonic()
         if state.stop_unheard_since is None:
             state.stop_unheard_since = now
+            self._save_unheard()
         elif now - state.stop_unheard_since > STOP_OFFERED_S:
             state.stop_unheard_since = None
+            self._save_unheard()
             print(f"speaker: no thinker acknowledged the stop of turn {state.turn} in {STOP_OFFERED_S:.0f} s;"
                   " its history may keep more of the answer than was heard", file=sys.stderr, flush=True)
             return

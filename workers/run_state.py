@@ -1,0 +1,59 @@
+"""Small records a worker keeps on disk for one run, so that a worker restarted mid-run goes on from there.
+
+A record belongs to one run: it is keyed by what the worker serves (its input
+or output) and by the process that supervises it (its pid and start time,
+which survive a worker restart but not a new ``voicebus up``). It is written
+atomically (temporary file, then rename), and best effort: an unwritable
+state folder costs the resume, not the run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import psutil
+
+
+def run_key(spec: str) -> str:
+    """Identifies this run of the worker serving ``spec``: survives a worker restart, not a new supervisor."""
+    parent = os.getppid()
+    try:
+        started = psutil.Process(parent).create_time()
+    except psutil.Error:
+        started = 0.0
+    spec = str(Path(spec).resolve()) if spec not in ("mic", "none", "speaker") else spec
+    return hashlib.sha256(f"{spec}\0{parent}\0{started}".encode()).hexdigest()[:16]
+
+
+class RunFile:
+    """One JSON record: ``load`` gives ``{}`` for a missing or unreadable one."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def load(self) -> dict:
+        try:
+            data = json.loads(self.path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    def save(self, data: dict) -> None:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{self.path.stem}-", dir=self.path.parent)
+            with os.fdopen(fd, "w", encoding="utf-8") as out:
+                json.dump(data, out)
+            os.replace(tmp, self.path)
+        except OSError:
+            pass
+
+    def remove(self) -> None:
+        try:
+            self.path.unlink(missing_ok=True)
+        except OSError:
+            pass
