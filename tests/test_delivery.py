@@ -169,6 +169,32 @@ def test_a_new_thinker_resumes_what_its_predecessor_accepted(thinker, make_clien
     assert history(tmp_path)[-1] == (turn, "assistant", "One. Two. Three. Four. Five.")
 
 
+def test_the_model_reads_a_moved_history_window_while_nothing_waits(thinker, make_client, scripted):
+    """The history window moves every few turns (every few dozen with the default context), and a prompt that
+    begins differently is read whole again: 6.5 s before the first token with the local model here, once
+    per move. After an answer, when the window has moved, the thinker has the model read the new one (a
+    warm-up, max_tokens 1), so the next question's prompt begins with what the model just read. Only then:
+    a warm-up per answer would cost a server a request per turn."""
+    _, script = scripted
+    model = "echo-readahead"
+    thinker(model, **{"llm.context_tokens": 400, "llm.max_tokens": 60})
+    client = make_client("test", subscribe=("llm.", "sys.ready"))
+    ready(client)
+    turns = 30
+    for n in range(turns):
+        turn = new_turn_id()
+        client.publish(Ask(text=f"Question number {n}: what will the weather be like today?"), turn=turn)
+        until_done(client, turn)
+    requests = script.seen(model)
+    answers = [r for r in requests if r.body["max_tokens"] != 1]
+    read_ahead = [i for i, r in enumerate(requests) if r.body["max_tokens"] == 1][1:]  # (the first: at start)
+    assert len(answers) == turns
+    assert 2 <= len(read_ahead) <= turns // 2, "read ahead when the window moved, not after every answer"
+    for i in read_ahead[:-1]:
+        read, asked = requests[i].body["messages"], requests[i + 1].body["messages"]
+        assert asked[:len(read)] == read, "the next question's prompt begins with what was read"
+
+
 def test_empty_and_oversized_questions(thinker, make_client, tmp_path):
     client = make_client("test", subscribe=("llm.", "sys.ready"))
     thinker("echo-sizes", **{"llm.context_tokens": 512, "llm.max_tokens": 64})
@@ -367,7 +393,6 @@ def test_a_restarted_speakers_stop_keeps_what_its_predecessor_played(thinker, ma
     assert answer() == "One. Two."
 
 
-@pytest.mark.slow
 def _spoken_over_while_the_thinker_is_down(client: BusClient, thinker: Thinker) -> int:
     """A voice turn answered whole, the thinker stopped, then the user speaks over the answer: the turn."""
     turn = new_turn_id()
@@ -389,6 +414,7 @@ def _the_history_keeps_what_was_heard(client: BusClient, tmp_path: Path, turn: i
     assert answer.startswith(" ".join(words[:stop.index])) and len(answer) < len(" ".join(words))
 
 
+@pytest.mark.slow
 def test_a_stop_the_thinker_was_down_for_reaches_the_history(thinker, run_actor, make_client, tmp_path):
     """Found by scripts/chaos.py (seed 6): under a flood the thinker's queue dropped the speaker's stop,
     and the history kept a whole answer the user had spoken over. Here the thinker is down when the stop
@@ -412,6 +438,7 @@ def test_a_stop_the_thinker_was_down_for_reaches_the_history(thinker, run_actor,
         assert not (env.kind == "play.stopped" and env.turn == turn), "said again after llm.heard"
 
 
+@pytest.mark.slow
 def test_a_stop_outlives_the_speaker_that_made_it(thinker, bus, launcher, make_client, tmp_path):
     """A speaker killed before any thinker acknowledged its stop: its successor says the stop again, as
     the first one measured it, so the history still keeps only what was heard. (The stop is made while
@@ -431,10 +458,11 @@ def test_a_stop_outlives_the_speaker_that_made_it(thinker, bus, launcher, make_c
     again = wait_for(client, lambda e: e.kind == "play.stopped" and e.turn == turn
                      and int(e.src.rsplit(":", 1)[1]) not in (old, up.pid), timeout=90)
     assert again.body == stop, "the new speaker says the stop as its predecessor measured it"
-    assert "saying again the stop of turn" in up.stderr()
+    kept = tmp_path / "state-speaker" / "runs"
+    assert list(kept.glob("speaker-*.json")), "kept on disk until a thinker acknowledges it"
+    poll(lambda: f"saying again the stop of turn {turn}" in up.stderr(), 5, "the new speaker says why")
     thinker("count-stopkept-8")
     _the_history_keeps_what_was_heard(client, tmp_path, turn, stop)
-    kept = tmp_path / "state-speaker" / "runs"
     poll(lambda: not list(kept.glob("speaker-*.json")), 5, "acknowledged, the stop no longer kept")
 
 

@@ -154,6 +154,29 @@ def test_count_tokens(chat: LocalChat) -> None:
     assert chat.context_tokens == 2048
 
 
+def test_a_long_conversation_s_prompt_still_fits_the_context(chat: LocalChat, tmp_path: Path) -> None:
+    """Found while timing long conversations: the thinker budgeted 4 template tokens a message, SmolLM2's
+    template costs 5 for a question and 6 for an answer, and after some 70 turns every prompt outgrew the
+    context ("Requested tokens (2061) exceed context window of 2048"): each answer after that was an
+    apology. The backend now measures what a message costs in its own template, and the thinker's window,
+    budgeted with it, fits."""
+    from voicebus.workers.llm.local import _chat_prompt
+    from voicebus.workers.memory import Conversation
+
+    max_tokens = 200  # the default llm.max_tokens: the thinker's budget leaves it to the answer
+    largest, moved = 0, False
+    with Conversation(tmp_path / "c.sqlite", system_prompt=Settings().llm.system_prompt) as conversation:
+        for turn in range(1, 160):
+            conversation.add_user(turn, f"What is {turn} plus {turn}?")
+            messages = conversation.messages(chat.context_tokens - max_tokens, chat.count_tokens,
+                                             per_message=chat.message_tokens, stable=True)
+            used = len(_chat_prompt(chat._model(), messages)[1])
+            largest, moved = max(largest, used), moved or messages[1]["content"] != "What is 1 plus 1?"
+            assert used + max_tokens <= chat.context_tokens, (turn, used, chat.message_tokens)
+            conversation.add_assistant(turn, f"{turn} plus {turn} is {2 * turn}.")
+    assert moved and largest > chat.context_tokens - max_tokens - 300, "the conversation outgrew the window"
+
+
 def test_prompt_larger_than_context_is_a_backend_error(in_process_llama: None) -> None:
     small = LocalChat(context_tokens=64)
     try:

@@ -42,3 +42,26 @@ def test_the_default_window_still_keeps_all_that_fits(tmp_path: Path) -> None:
         sliding, stable = conv.messages(60, words), conv.messages(60, words, stable=True)
     assert sliding[-1] == stable[-1] and len(stable) <= len(sliding)
     assert sum(words(m["content"]) for m in sliding) > 60 - 8  # sliding fills the budget to the last turn
+
+
+def test_with_room_kept_for_the_question_its_window_is_the_one_read_before_it_came(tmp_path: Path) -> None:
+    """The thinker reads a moved window ahead, before the next question; that only helps if the question's
+    prompt begins the same way. Without a reserve, the question itself moved the window; with one, a
+    question that fits in it never does, and a longer one still gets its answer."""
+    budget, reserve = 200, 12
+    with Conversation(tmp_path / "c.sqlite", system_prompt="Be brief.") as conv:
+        surprises = {0: 0, reserve: 0}  # questions whose window began otherwise than the one before them
+        for turn in range(1, 120):
+            before = {r: conv.messages(budget, words, stable=True, reserve=r) for r in surprises}
+            question = f"question {turn} about many different things today"  # 7 words
+            conv.add_user(turn, question)
+            for r in surprises:
+                asked = conv.messages(budget, words, stable=True, reserve=r)
+                assert asked[-1]["content"] == question and sum(words(m["content"]) for m in asked) <= budget
+                surprises[r] += len(before[r]) > 1 and asked[:2] != before[r][:2]
+            conv.add_assistant(turn, f"ok {turn}")
+        long_question = "tell me " + "a lot more " * 10  # 32 words: more than the reserve
+        conv.add_user(120, long_question)
+        asked = conv.messages(budget, words, stable=True, reserve=reserve)
+        assert asked[-1]["content"] == long_question and sum(words(m["content"]) for m in asked) <= budget
+    assert surprises[0] > 5 and surprises[reserve] == 0, surprises

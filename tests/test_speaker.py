@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 import pytest
@@ -355,9 +356,14 @@ def test_a_new_speaker_says_again_the_recent_stops_its_predecessor_kept(run_acto
     kept.write_text(json.dumps({str(recent): {**stop, "since": time.time() - 5},
                                 str(stale): {**stop, "since": time.time() - STOP_OFFERED_S - 5},
                                 str(garbled): {"index": "two", "since": time.time()}}))
+    ended_long_ago = [kept.parent / "speaker-0123456789abcdef.json", kept.parent / ".speaker-0123456789abcdef-x1"]
+    for path in ended_long_ago:  # another run's record, and a temporary file a kill mid-write left
+        path.write_text("{}")
+        os.utime(path, (time.time() - 2 * STOP_OFFERED_S,) * 2)
     client = make_client("test", subscribe=("play.stopped", "sys.ready"))
     run_actor(Speaker, **{"audio.output": str(wav)})
     said = wait_for(client, lambda e: e.kind == "play.stopped", timeout=60)
+    assert not any(path.exists() for path in ended_long_ago), "records of runs long over are swept"
     assert said.turn == recent and said.body.to_dict() == stop
     assert json.loads(kept.read_text()).keys() == {str(recent)}, "what is no stop to say again is forgotten"
     client.publish(LlmHeard(index=2, spoken_ms=640), turn=recent)
@@ -366,6 +372,20 @@ def test_a_new_speaker_says_again_the_recent_stops_its_predecessor_kept(run_acto
         time.sleep(0.05)
     assert not kept.exists(), "acknowledged: nothing left to keep"
     assert not [e for e in _quiet(client, 2.5) if e.kind == "play.stopped"]
+
+
+def test_a_speaker_without_a_usable_state_folder_still_speaks(run_actor, make_client, tmp_path, capfd):
+    """The state folder only keeps unacknowledged stops for a successor: a speaker on a host where it cannot
+    be made (read-only, a file in its place) speaks all the same, and says what it cannot keep."""
+    blocked = tmp_path / "not-a-folder"
+    blocked.write_text("")
+    client = make_client("test", subscribe=("play.", "metrics.", "sys.ready"))
+    run_actor(Speaker, **{"audio.output": str(tmp_path / "out.wav"), "state.dir": str(blocked)})
+    ready(client)
+    turn = new_turn_id()
+    client.publish(Say(text="Still here."), turn=turn)
+    assert wait_for(client, lambda e: e.kind == "metrics.turn" and e.turn == turn, timeout=30).body.outcome == "done"
+    assert "a restart will forget unacknowledged stops" in capfd.readouterr().err
 
 
 def test_with_publish_audio_the_played_voice_goes_on_the_bus_as_it_was_played(run_actor, make_client, tmp_path):

@@ -178,6 +178,7 @@ class Conversation:
         per_message: int = 0,
         until_turn: int | None = None,
         stable: bool = False,
+        reserve: int = 0,
     ) -> list[dict[str, str]]:
         """The system prompt and the most recent whole turns that fit ``budget_tokens``.
 
@@ -196,6 +197,11 @@ class Conversation:
         in the history that is a multiple of the step, a power of two at most half
         the turns that fit: it keeps at least half of what would fit, and its start
         stays put for a step's worth of turns while turns are of similar size.
+
+        ``reserve``: tokens kept for the question being asked. A latest turn that is
+        only a question (no answer yet) and fits in them does not decide where the
+        window starts, so the window for a question is the one computed before it
+        came (with the same ``reserve``), and a model can read it in advance.
         """
         turns: dict[int, list[dict[str, str]]] = {}
         for turn, role, text in self.history():
@@ -204,19 +210,26 @@ class Conversation:
             if text:
                 turns.setdefault(turn, []).append({"role": role, "content": text})
         ordered = sorted(turns)
-        used = count_tokens(self.system_prompt) + per_message
+
+        def cost(turn: int) -> int:
+            return sum(count_tokens(m["content"]) + per_message for m in turns[turn])
+
+        asked: list[int] = []
+        if reserve and ordered and [m["role"] for m in turns[ordered[-1]]] == ["user"] and cost(ordered[-1]) <= reserve:
+            asked = [ordered.pop()]
+        used = count_tokens(self.system_prompt) + per_message + reserve
         first = len(ordered)
         for position in range(len(ordered) - 1, -1, -1):
-            cost = sum(count_tokens(m["content"]) + per_message for m in turns[ordered[position]])
-            if first < len(ordered) and used + cost > budget_tokens:
+            turn_cost = cost(ordered[position])
+            if (first < len(ordered) or asked) and used + turn_cost > budget_tokens:
                 break
             first = position
-            used += cost
+            used += turn_cost
         if stable and first > 0:  # the next step at or after the first turn that fits
             step = 1 << max(0, ((len(ordered) - first) // 2).bit_length() - 1)
             first = -(-first // step) * step
         system = {"role": "system", "content": self.system_prompt}
-        return [system] + [message for turn in ordered[first:] for message in turns[turn]]
+        return [system] + [message for turn in [*ordered[first:], *asked] for message in turns[turn]]
 
     # -- lifetime ----------------------------------------------------------
 

@@ -4,7 +4,9 @@ A record belongs to one run: it is keyed by what the worker serves (its input
 or output) and by the process that supervises it (its pid and start time,
 which survive a worker restart but not a new ``voicebus up``). It is written
 atomically (temporary file, then rename), and best effort: an unwritable
-state folder costs the resume, not the run.
+state folder costs the resume, not the run. A worker removes its record when
+it has nothing left to resume; records of runs that ended otherwise are swept
+once they are too old to matter (``sweep``).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import hashlib
 import json
 import os
 import tempfile
+import time
 from pathlib import Path
 
 import psutil
@@ -42,18 +45,34 @@ class RunFile:
             return {}
         return data if isinstance(data, dict) else {}
 
-    def save(self, data: dict) -> None:
+    def save(self, data: dict) -> bool:
+        """Write ``data`` in place of the record; False if it could not be written."""
+        tmp = None
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(prefix=f".{self.path.stem}-", dir=self.path.parent)
             with os.fdopen(fd, "w", encoding="utf-8") as out:
                 json.dump(data, out)
             os.replace(tmp, self.path)
+            return True
         except OSError:
-            pass
+            if tmp is not None:
+                Path(tmp).unlink(missing_ok=True)
+            return False
 
     def remove(self) -> None:
         try:
             self.path.unlink(missing_ok=True)
+        except OSError:
+            pass
+
+
+def sweep(folder: Path, pattern: str, older_than_s: float) -> None:
+    """Remove records (and temporary files left by a kill mid-write) of runs that ended long ago."""
+    cutoff = time.time() - older_than_s
+    for path in [*folder.glob(pattern), *folder.glob(f".{pattern.split('*')[0]}*")]:
+        try:
+            if path.stat().st_mtime < cutoff:
+                path.unlink()
         except OSError:
             pass

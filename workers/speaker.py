@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 
 from voicebus.engine.actor import Actor, handles
 from voicebus.engine.client import BusClient
-from voicebus.engine.errors import ProtocolError
+from voicebus.engine.errors import ConfigError, ProtocolError
 from voicebus.engine.messages import Envelope
 from voicebus.workers import backends
 from voicebus.workers.audio import open_sink
@@ -68,7 +68,7 @@ from voicebus.workers.kinds import (
     TurnMetrics,
     VadEnd,
 )
-from voicebus.workers.run_state import RunFile, run_key
+from voicebus.workers.run_state import RunFile, run_key, sweep
 from voicebus.workers.sentences import split_clauses
 
 BLOCK_MS = 20
@@ -109,7 +109,8 @@ class Turn:
     stop_offered_at: float = 0.0
     """(monotonic) when the stop was last said"""
     stop_unheard_since: float | None = None
-    """(monotonic) since when the stop waits for the thinker's llm.heard; None: acknowledged"""
+    """(monotonic) since when the stop waits for the thinker's llm.heard; None: no stop waits (none was made,
+    it was acknowledged, or no thinker acknowledged it within STOP_OFFERED_S)"""
     gap_since: float | None = None
     resent_at: float = 0.0
     timings: dict[str, float] = field(default_factory=dict)
@@ -187,6 +188,8 @@ class Speaker(Actor):
         """(turn, index) of the sentence on the sink right now"""
         self._unheard_file: RunFile | None = None
         """the stops no thinker has acknowledged yet, for a speaker that replaces this one"""
+        self._unheard_unsaved = False
+        """whether writing that record failed (said once)"""
 
     def backends(self) -> dict[str, str]:
         return {"tts": self.settings.tts.backend, "output": self.settings.audio.output}
@@ -196,8 +199,7 @@ class Speaker(Actor):
         self.synth = backends.open_synthesizer(self.settings)
         audio = self.settings.audio
         self.sink = open_sink(audio.output, self.synth.sample_rate, realtime=not audio.fast)
-        runs = backends.state_dir(self.settings) / "runs"
-        self._unheard_file = RunFile(runs / f"speaker-{run_key(audio.output)}.json")
+        self._unheard_file = self._unheard_record(audio.output)
         self._resume_unheard()
         self._threads = [
             threading.Thread(target=self._synthesize_loop, name="speaker-synth", daemon=True),
@@ -206,9 +208,21 @@ class Speaker(Actor):
         for thread in self._threads:
             thread.start()
 
+    def _unheard_record(self, output: str) -> RunFile | None:
+        """This run's record of unacknowledged stops, or None where the state folder is unusable: a speaker
+        needs none to speak, its stops then just do not outlive it."""
+        try:
+            runs = backends.state_dir(self.settings) / "runs"
+        except ConfigError as exc:
+            print(f"speaker: a restart will forget unacknowledged stops: {exc}", file=sys.stderr, flush=True)
+            return None
+        sweep(runs, "speaker-*.json", STOP_OFFERED_S)  # runs that ended with a stop unacknowledged
+        return RunFile(runs / f"speaker-{run_key(output)}.json")
+
     def _resume_unheard(self) -> None:
         """Say again the stops a previous speaker of this run made and no thinker acknowledged (recent ones)."""
-        assert self._unheard_file is not None
+        if self._unheard_file is None:
+            return
         now, wall = time.monotonic(), time.time()
         for turn, stop in self._unheard_file.load().items():
             try:
@@ -234,10 +248,12 @@ class Speaker(Actor):
         unheard = {str(state.turn): {**state.stop_report.to_dict(), "since": wall - (now - state.stop_unheard_since)}
                    for state in self._turns.values()
                    if state.stop_report is not None and state.stop_unheard_since is not None}
-        if unheard:
-            self._unheard_file.save(unheard)
-        else:
+        if not unheard:
             self._unheard_file.remove()
+        elif not self._unheard_file.save(unheard) and not self._unheard_unsaved:
+            self._unheard_unsaved = True
+            print(f"speaker: cannot write {self._unheard_file.path}: a restart will forget unacknowledged stops",
+                  file=sys.stderr, flush=True)
 
     # --- handlers (bus loop) ----------------------------------------------------------------
 

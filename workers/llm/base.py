@@ -22,6 +22,9 @@ class ChatBackend(Protocol):
     name: str
     context_tokens: int
     """How many tokens the model's context holds (prompt + answer)."""
+    message_tokens: int
+    """Tokens each message of a prompt costs beyond its text (the chat template's role markers); rounded up,
+    so that a prompt budgeted with it fits."""
 
     def count_tokens(self, text: str) -> int:
         """Tokens ``text`` takes in this model (an estimate is fine for remote models)."""

@@ -13,7 +13,7 @@ from collections.abc import Generator, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from voicebus.engine.errors import BackendError, ModelError
 from voicebus.workers.cores import half_the_cores
@@ -23,6 +23,9 @@ from voicebus.workers.llm.models import find_smollm2_gguf
 
 if TYPE_CHECKING:
     from llama_cpp import Llama
+
+WARM_UP_STEP = 128
+"""Tokens a warm-up reads between looks at its cancel flag: about 0.7–1 s on one thread here."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -112,12 +115,29 @@ class LocalChat:
         self.seed = seed
         self.sampling = sampling or Sampling()
         self._current_stream = 0  # bumped by each stream; see the class docstring
+        self.message_tokens = self._measure_message_tokens()
 
     def count_tokens(self, text: str) -> int:
         """Tokens ``text`` takes in this model's vocabulary (no BOS)."""
         if not text:
             return 0
         return len(self._model().tokenize(text.encode("utf-8"), add_bos=False, special=False))
+
+    def _measure_message_tokens(self) -> int:
+        """What a user or assistant message costs beyond its text in this model's chat template (the most).
+
+        A fixed guess of 4 was short by 1–2 tokens a message with SmolLM2's template (5 for a question, 6
+        for an answer): a long conversation's prompt outgrew the context ("Requested tokens (2061) exceed
+        context window of 2048") and every answer after about 70 turns failed.
+        """
+        llm = self._model()
+        probe = [{"role": role, "content": "Hello there."} for role in ("system", "user", "assistant", "user")]
+        try:
+            sizes = [len(_chat_prompt(llm, probe[:n])[1]) for n in range(1, len(probe) + 1)]
+        except BackendError:  # no template of its own: llama-cpp-python's default format, about as costly
+            return 8
+        text = self.count_tokens(probe[0]["content"])
+        return max(after - before - text for before, after in zip(sizes, sizes[1:]))
 
     def stream(
         self, messages: list[Message], *, max_tokens: int, cancel: threading.Event, prefix: str = ""
@@ -184,20 +204,10 @@ class LocalChat:
         chat template, up to the assistant's header) followed by the prefix, so
         the model continues its answer instead of beginning another.
         """
-        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
-
-        template = llm.metadata.get("tokenizer.chat_template")
-        if not template:
-            raise BackendError(f"{self.model_path.name} carries no chat template to continue an answer with")
-        eos, bos = llm.token_eos(), llm.token_bos()
-        formatter = Jinja2ChatFormatter(
-            template=template,
-            eos_token=llm._model.token_get_text(eos) if eos != -1 else "",
-            bos_token=llm._model.token_get_text(bos) if bos != -1 else "",
-            stop_token_ids=[eos],
-        )
-        chat = formatter(messages=messages)  # type: ignore[arg-type]
-        tokens = llm.tokenize(chat.prompt.encode("utf-8"), add_bos=not chat.added_special, special=True)
+        try:
+            chat, tokens = _chat_prompt(llm, messages)
+        except BackendError:
+            raise BackendError(f"{self.model_path.name} carries no chat template to continue an answer with") from None
         tokens += llm.tokenize(prefix.encode("utf-8"), add_bos=False, special=False)
         return llm.create_completion(  # type: ignore[return-value]
             prompt=tokens,
@@ -209,14 +219,31 @@ class LocalChat:
             **asdict(self.sampling),
         )
 
-    def warm_up(self, messages: list[Message]) -> None:
-        """Evaluate ``messages`` once, so the first real answer reuses their cached prefix.
+    def warm_up(self, messages: list[Message], cancel: threading.Event | None = None) -> None:
+        """Evaluate ``messages`` once, so the next answer reuses their cached prefix.
 
         llama.cpp keeps the evaluated tokens and skips the longest common prefix
         on the next completion; the system prompt and history are that prefix.
+        It reads ``WARM_UP_STEP`` tokens at a time and stops between steps once
+        ``cancel`` is set (a long history takes seconds to read on a CPU).
         """
-        for _ in self.stream(messages, max_tokens=1, cancel=threading.Event()):
-            pass
+        cancel = cancel or threading.Event()
+        llm = self._model()
+        try:
+            tokens = _chat_prompt(llm, messages)[1]
+        except BackendError:  # no template of its own: read it the way a chat completion does, in one go
+            for _ in self.stream(messages, max_tokens=1, cancel=cancel):
+                pass
+            return
+        self._current_stream += 1  # an unfinished stream's context is no longer its own
+        try:
+            for end in [*range(WARM_UP_STEP, len(tokens), WARM_UP_STEP), len(tokens)]:
+                if cancel.is_set():
+                    return
+                for _ in llm.create_completion(prompt=tokens[:end], max_tokens=1, stream=True, seed=self.seed):
+                    pass
+        except Exception as exc:  # e.g. a history that does not fit the context
+            raise BackendError(f"llama.cpp could not read the prompt: {exc}") from exc
 
     def close(self) -> None:
         """Free the model and its context now rather than at garbage collection."""
@@ -228,6 +255,25 @@ class LocalChat:
         if self._llm is None:
             raise BackendError("local chat model is closed")
         return self._llm
+
+
+def _chat_prompt(llm: Llama, messages: list[Message]) -> tuple[Any, list[int]]:
+    """The model's own chat template applied to ``messages`` up to the assistant's header: (the formatter's
+    result, its tokens). BackendError if the model carries no template."""
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+    template = llm.metadata.get("tokenizer.chat_template")
+    if not template:
+        raise BackendError("the model carries no chat template")
+    eos, bos = llm.token_eos(), llm.token_bos()
+    formatter = Jinja2ChatFormatter(
+        template=template,
+        eos_token=llm._model.token_get_text(eos) if eos != -1 else "",
+        bos_token=llm._model.token_get_text(bos) if bos != -1 else "",
+        stop_token_ids=[eos],
+    )
+    chat = formatter(messages=messages)  # type: ignore[arg-type]
+    return chat, llm.tokenize(chat.prompt.encode("utf-8"), add_bos=not chat.added_special, special=True)
 
 
 _defaults_lock = threading.Lock()

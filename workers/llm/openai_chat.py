@@ -51,6 +51,8 @@ log = logging.getLogger(__name__)
 
 CHARS_PER_TOKEN = 4
 """OpenAI's rule of thumb for English text; good enough to budget a context."""
+MESSAGE_TOKENS = 4
+"""OpenAI's documented cost of a chat message beyond its text (role markers), for the same budget."""
 
 _FINISH_REASONS = {"stop", "length", "content_filter"}
 _AZURE_SCOPE = "https://cognitiveservices.azure.com/.default"
@@ -89,6 +91,7 @@ class _HttpChat:
         """Base URL or endpoint, for error messages."""
         self.timeout_s = timeout_s
         self.context_tokens = context_tokens
+        self.message_tokens = MESSAGE_TOKENS
         self.max_retries = max_retries
         self.backoff_s = backoff_s
         self.max_wait_s = max_wait_s
@@ -122,7 +125,7 @@ class _HttpChat:
             # the server to stop generating for nobody.
             chunks.close()
 
-    def warm_up(self, messages: list[Message]) -> None:
+    def warm_up(self, messages: list[Message], cancel: threading.Event | None = None) -> None:
         """On a server on this machine, have it evaluate the prompt once (it caches the prefix).
 
         A remote service is left alone: there a warm-up would cost a paid request.
@@ -132,7 +135,7 @@ class _HttpChat:
         if host not in ("localhost", "127.0.0.1", "::1"):
             return
         try:
-            for _ in self.stream(messages, max_tokens=1, cancel=threading.Event()):
+            for _ in self.stream(messages, max_tokens=1, cancel=cancel or threading.Event()):
                 pass
         except BackendError:
             pass
