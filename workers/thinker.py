@@ -116,9 +116,9 @@ class Thinker(Actor):
         self._stop_phrases = StopPhrases(settings.llm.stop_phrases)
         self._thread: threading.Thread | None = None
         self._window: tuple[str, ...] = ()
+        """how the last prompt the model read begins (see ``_read_ahead``)"""
         self._closing = threading.Event()
         """set by close(): a warm-up under way stops at its next step"""
-        """how the last prompt the model read begins (see ``_read_ahead``)"""
 
     def backends(self) -> dict[str, str]:
         return {"llm": self.settings.llm.backend}
@@ -413,8 +413,9 @@ class Thinker(Actor):
 
         The window over the history moves every few dozen turns (``Conversation.messages``, stable), and a
         prompt that begins differently is read whole again: with the local model on 2 cores, the first
-        token of every such answer came after 6.5 s instead of 0.15 s (a 1,800-token window). Read now,
-        while the answer plays, the next question finds it cached (max 0.67 s over 150 turns).
+        token of every such answer came after 6.3 s instead of 0.16 s (a 1,800-token window). Read now,
+        while the answer plays, the next question finds it cached (0.67 s at most over 150 turns:
+        scripts/bench_long_conversation.py).
         """
         warm_up = getattr(self.chat, "warm_up", None)
         with self._wake:
