@@ -214,8 +214,9 @@ class Conversation:
         def cost(turn: int) -> int:
             return sum(count_tokens(m["content"]) + per_message for m in turns[turn])
 
-        asked: list[int] = []
-        if reserve and ordered and [m["role"] for m in turns[ordered[-1]]] == ["user"] and cost(ordered[-1]) <= reserve:
+        asked: list[int] = []  # the question being asked, when it fits in the reserve
+        only_asked = bool(ordered) and [m["role"] for m in turns[ordered[-1]]] == ["user"]
+        if reserve and only_asked and cost(ordered[-1]) <= reserve:
             asked = [ordered.pop()]
         used = count_tokens(self.system_prompt) + per_message + reserve
         first = len(ordered)

@@ -67,10 +67,11 @@ class RunFile:
             pass
 
 
-def sweep(folder: Path, pattern: str, older_than_s: float) -> None:
-    """Remove records (and temporary files left by a kill mid-write) of runs that ended long ago."""
+def sweep(folder: Path, prefix: str, older_than_s: float) -> None:
+    """Remove the records named ``prefix``… (and temporary files a kill mid-write left, ``RunFile.save``'s
+    ``.prefix…``) that have not changed for ``older_than_s``: their runs ended long ago."""
     cutoff = time.time() - older_than_s
-    for path in [*folder.glob(pattern), *folder.glob(f".{pattern.split('*')[0]}*")]:
+    for path in [*folder.glob(f"{prefix}*.json"), *folder.glob(f".{prefix}*")]:
         try:
             if path.stat().st_mtime < cutoff:
                 path.unlink()

@@ -216,7 +216,7 @@ class Speaker(Actor):
         except ConfigError as exc:
             print(f"speaker: a restart will forget unacknowledged stops: {exc}", file=sys.stderr, flush=True)
             return None
-        sweep(runs, "speaker-*.json", STOP_OFFERED_S)  # runs that ended with a stop unacknowledged
+        sweep(runs, "speaker-", STOP_OFFERED_S)  # runs that ended with a stop unacknowledged
         return RunFile(runs / f"speaker-{run_key(output)}.json")
 
     def _resume_unheard(self) -> None:

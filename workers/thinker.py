@@ -134,9 +134,10 @@ class Thinker(Actor):
         )
         self.log = TurnLog(self.memory)
         warm_up = getattr(self.chat, "warm_up", None)
+        messages = self._prompt(None)
         if warm_up is not None:  # local models, and servers on this machine: a remote one would cost a request
-            warm_up(self._prompt(None))
-        self._window = window_start(self._prompt(None))
+            warm_up(messages)
+        self._window = window_start(messages)
         self._resume_unfinished()
         self._thread = threading.Thread(target=self._generate_loop, name="thinker-generate", daemon=True)
         self._thread.start()
