@@ -291,3 +291,82 @@ def test_a_failed_load_leaves_llamas_defaults_alone(in_process_llama: None, tmp_
     with pytest.raises(ModelError):
         LocalChat(garbage, repack="off")
     assert low.llama_model_default_params is defaults
+
+
+HISTORY = [{"role": "system", "content": "You are a helpful voice assistant. Answer in one short sentence."}] + [
+    message
+    for n in range(1, 9)
+    for message in ({"role": "user", "content": f"What is {n} times {n + 3}, and what is the capital of Spain?"},
+                    {"role": "assistant", "content": f"{n} times {n + 3} is {n * (n + 3)}, and Madrid is the capital."})
+]
+ASKED = [*HISTORY, {"role": "user", "content": "What is the capital of France?"}]
+
+
+def reads(chat: LocalChat) -> list[int]:
+    """Counts the tokens llama.cpp evaluates from now on, one entry per evaluation."""
+    model = chat._model()
+    counts: list[int] = []
+    evaluate = model.eval
+    model.eval = lambda tokens: counts.append(len(tokens)) or evaluate(tokens)  # type: ignore[method-assign]
+    return counts
+
+
+def test_a_kept_context_spares_the_next_model_the_history(in_process_llama: None, tmp_path: Path) -> None:
+    """A returning user's first answer waited for the model to read the whole history again (6.9 s with 40
+    turns of it, scripts/bench_returning_user.py); the model now starts from the context the last run kept. The restored context must
+    be the same as one read anew: the same seeded answer, and only the question is read."""
+    fresh = LocalChat(seed=1)
+    try:
+        fresh.warm_up(HISTORY)
+        expected, _ = drain(fresh.stream(ASKED, max_tokens=20, cancel=threading.Event()))
+    finally:
+        fresh.close()
+    first = LocalChat(seed=1, cache_folder=tmp_path)
+    try:
+        assert first.restored_tokens == 0 and not first.keep_what_was_read()  # nothing read, nothing to keep
+        first.warm_up(HISTORY)
+        assert first.keep_what_was_read()
+        assert not first.keep_what_was_read(), "kept again although nothing new was read"
+    finally:
+        first.close()
+    [kept] = tmp_path.glob("*.llama-state")
+    second = LocalChat(seed=1, cache_folder=tmp_path)
+    try:
+        assert second.restored_tokens > 300
+        counted = reads(second)
+        second.warm_up(HISTORY)
+        assert counted == [], "the warm-up read what the cache held"
+        answer, _ = drain(second.stream(ASKED, max_tokens=20, cancel=threading.Event()))
+        assert answer == expected
+        assert counted[0] < 40, f"read {counted[0]} tokens of a prompt whose history was restored"
+    finally:
+        second.close()
+    assert kept.exists()
+
+
+def test_a_cut_cache_is_ignored_and_other_versions_are_swept(in_process_llama: None, tmp_path: Path) -> None:
+    first = LocalChat(seed=1, cache_folder=tmp_path)
+    try:
+        first.warm_up(HISTORY)
+        first.keep_what_was_read()
+    finally:
+        first.close()
+    [kept] = tmp_path.glob("*.llama-state")
+    kept.write_bytes(kept.read_bytes()[: kept.stat().st_size // 2])  # a disk that filled up mid-write, say
+    cut = LocalChat(seed=1, cache_folder=tmp_path)
+    try:
+        assert cut.restored_tokens == 0
+        counted = reads(cut)
+        answer, _ = drain(cut.stream(ASKED, max_tokens=20, cancel=threading.Event()))
+        assert answer and sum(counted) > 300, "the history was not read after a cache that failed to load"
+    finally:
+        cut.close()
+    other = LocalChat(seed=1, cache_folder=tmp_path, context_tokens=1024)  # another context: another cache
+    try:
+        assert other.restored_tokens == 0
+        other.warm_up(HISTORY)
+        assert other.keep_what_was_read()
+    finally:
+        other.close()
+    [left] = tmp_path.glob("*.llama-state")
+    assert left != kept and not kept.exists()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 
 import pytest
 
@@ -10,6 +11,7 @@ from voicebus.engine.messages import Interrupt, new_turn_id
 from voicebus.workers.kinds import Ask, AsrFinal, PlayStopped
 from voicebus.workers.memory import Conversation
 from voicebus.workers.stop_phrases import StopPhrases, normalize
+from voicebus.workers import thinker as thinker_module
 from voicebus.workers.thinker import APOLOGY, Thinker, spoken_part
 
 from conftest import wait_for
@@ -136,3 +138,32 @@ def test_service_refusals_are_errors_with_an_apology(run_thinker, make_client, s
     sentences = [e.body.text for e in seen if e.kind == "llm.sentence"]
     assert sentences[-1] == APOLOGY and (len(sentences) > 1) == spoken_before
     assert seen[-1].body.finish_reason == "error"
+
+
+@pytest.mark.slow
+def test_the_model_s_context_is_kept_for_the_next_thinker(run_thinker, make_client, tmp_path, monkeypatch):
+    """A returning user's first answer waited seconds while the model read the history again. The thinker
+    keeps the model's context in the state folder during a run (so a SIGKILL loses little) and when it
+    stops, and the next thinker starts from it."""
+    monkeypatch.setattr(thinker_module, "KEEP_EVERY_TOKENS", 1)  # after every turn, to see it without a long chat
+    client = make_client("test", subscribe=("llm.", "sys.ready", "sys.bye"))
+    first = run_thinker(max_tokens=30)
+    ready(client)
+    turn = new_turn_id()
+    client.publish(Ask(text="What is the capital of France?"), turn=turn)
+    answer(client, turn)
+    kept = tmp_path / "llm"
+    deadline = time.monotonic() + 10
+    while not list(kept.glob("*.llama-state")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    [cache] = kept.glob("*.llama-state")
+    written = cache.stat().st_mtime_ns
+    first.stop("test: next run")
+    wait_for(client, lambda e: e.kind == "sys.bye" and e.body.name == "thinker", timeout=30)
+    assert cache.stat().st_mtime_ns == written, "kept again although the model read nothing since"
+    second = run_thinker(max_tokens=30)
+    ready(client)
+    assert second.chat.restored_tokens > 50  # the system prompt, the question and its answer
+    turn = new_turn_id()
+    client.publish(Ask(text="What is two plus two?"), turn=turn)
+    assert answer(client, turn)[-1].body.finish_reason in ("stop", "length")

@@ -54,7 +54,9 @@ def open_recognizer(settings: Settings, progress: Progress | None = None) -> Rec
     raise ConfigError(f"unknown asr backend {asr.backend!r}; choose from pocketsphinx, whisper, azure")
 
 
-def open_chat(settings: Settings) -> ChatBackend:
+def open_chat(settings: Settings, *, keep_context: bool = False) -> ChatBackend:
+    """The configured chat backend. With ``keep_context``, a local model starts from what it had read when
+    the last run kept it, in the state folder (see ``voicebus.workers.llm.prompt_cache``)."""
     llm = settings.llm
     seed = llm.seed if llm.seed >= 0 else None
     if llm.backend == "local":
@@ -63,6 +65,7 @@ def open_chat(settings: Settings) -> ChatBackend:
         return LocalChat(
             llm.model_path or None, context_tokens=llm.context_tokens, threads=llm.threads or None,
             sampling=Sampling(temperature=llm.temperature), repack=llm.repack, seed=seed,
+            cache_folder=state_dir(settings) / "llm" if keep_context else None,
         )
     if llm.backend == "openai":
         from voicebus.workers.llm.openai_chat import OpenAIChat

