@@ -105,7 +105,7 @@ if sys.orig_argv[-2:] == ["worker", "thinker"]:
     import ctypes
     import voicebus.workers.backends as backends
 
-    def open_chat(settings):
+    def open_chat(settings, **options):
         ctypes.string_at(0)
 
     backends.open_chat = open_chat
