@@ -147,6 +147,27 @@ def test_interrupting_a_queued_turn_ends_it_at_once_and_the_asker_hears_why(thin
     assert rest[-1].body.finish_reason == "stop"  # the first asker was not cancelled by the second
 
 
+def test_a_voice_turn_spoken_over_before_its_answer_began_is_not_answered(thinker, make_client, tmp_path, scripted):
+    """A stop can reach the thinker while the turn waits in its queue (a restarted thinker resumes turns its
+    predecessor left): the turn ends with what was heard, and the model is never asked to answer it."""
+    _, script = scripted
+    client = make_client("test", subscribe=("llm.", "sys.ready"))
+    thinker("count-spokenover-12")
+    ready(client)
+    running, spoken_over = new_turn_id(), new_turn_id() + 1
+    client.publish(Ask(text="Count to twelve."), turn=running)
+    client.publish(AsrFinal(text="And what else?"), turn=spoken_over)
+    assert wait_for(client, lambda e: e.kind == "llm.accepted" and e.turn == spoken_over, timeout=10).body.queued == 1
+    client.publish(PlayStopped(index=0, reason="barge-in", spoken_ms=0, total_ms=0), turn=spoken_over)
+    seen = until_done(client, spoken_over, timeout=5)
+    assert seen[-1].body.finish_reason == "cancelled" and seen[-1].body.sentences == 0
+    assert not any(e.kind == "llm.sentence" for e in seen)
+    wait_for(client, lambda e: e.kind == "llm.heard" and e.turn == spoken_over, timeout=5)
+    assert until_done(client, running)[-1].body.finish_reason == "stop"
+    assert all(request.body["messages"][-1]["content"] != "And what else?" for request in script.seen("count-spokenover-12"))
+    assert (spoken_over, "assistant", "") in history(tmp_path)
+
+
 def test_a_new_thinker_resumes_what_its_predecessor_accepted(thinker, make_client, tmp_path, scripted):
     """The state a thinker killed mid-answer leaves behind: the turn accepted, two sentences sent."""
     _, script = scripted

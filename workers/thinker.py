@@ -335,9 +335,19 @@ class Thinker(Actor):
                 # Not acknowledged yet: the speaker says its stop again at this turn's llm.done, and the
                 # history takes it then, once the turn is recorded as finished.
                 return
-        if record is not None and record.done and record.channel == VOICE:
+            # Waiting to be answered (a restarted thinker resumes it): it was spoken over, so what was heard
+            # is all of it. Answered now, it would be heard by no one, or played by a speaker restarted after
+            # this acknowledgement, which would not know the turn was stopped.
+            spoken_over = [job for job in self._queue if job.turn == env.turn and not job.guess and job.channel == VOICE]
+            for job in spoken_over:
+                self._queue.remove(job)
+        if record is not None and record.channel == VOICE and (record.done or spoken_over):
             said = [s.text for s in record.sentences if s.raw]
-            self.log.finish(env.turn, record.finish, record.reason, spoken_part(said, index, spoken_ms, total_ms))
+            finish, reason = (record.finish, record.reason) if record.done else ("cancelled", body.reason)
+            self.log.finish(env.turn, finish, reason, spoken_part(said, index, spoken_ms, total_ms))
+            if not record.done:
+                self.bus.publish(LlmDone(finish_reason=finish, sentences=len(record.sentences), reason=reason),
+                                 turn=env.turn)
         # Recorded, or nothing to cut (a text turn, one not answered yet, one this thinker never had): a turn
         # answered later ends with an llm.done, which brings the stop again.
         self.bus.publish(LlmHeard(index=body.index, spoken_ms=body.spoken_ms), turn=env.turn)
