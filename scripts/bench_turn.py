@@ -83,6 +83,8 @@ CONFIGS = {
     "gate": {"VOICEBUS_VAD_BACKGROUND_DB": "10"},
     # whisper on CTranslate2's own thread count (4) instead of half the cores: what the default saves
     "asr-4-threads": {"VOICEBUS_ASR_THREADS": "4"},
+    # whisper on every core: nothing else runs while a pause is decoded (the answer waits for its words)
+    "asr-all-cores": {"VOICEBUS_ASR_THREADS": str(os.cpu_count() or 1)},
     # the short window even for words the recognizer doubts (workers/turn_end.py): what the check costs and saves
     "trust-words": {"VOICEBUS_VAD_COMPLETE_CONFIDENCE": "0"},
     # the thinker sends whole sentences only, never a first clause (workers/sentences.py): what the clause saves

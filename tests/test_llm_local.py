@@ -344,7 +344,7 @@ def test_a_kept_context_spares_the_next_model_the_history(in_process_llama: None
     assert kept.exists()
 
 
-def test_a_cut_cache_is_ignored_and_other_versions_are_swept(in_process_llama: None, tmp_path: Path) -> None:
+def test_a_cut_cache_is_ignored_and_other_versions_are_swept(chat: LocalChat, tmp_path: Path) -> None:
     first = LocalChat(seed=1, cache_folder=tmp_path)
     try:
         first.warm_up(HISTORY)
@@ -352,13 +352,15 @@ def test_a_cut_cache_is_ignored_and_other_versions_are_swept(in_process_llama: N
     finally:
         first.close()
     [kept] = tmp_path.glob("*.llama-state")
+    assert kept.stat().st_mode & 0o777 == 0o600  # it holds the conversation
     kept.write_bytes(kept.read_bytes()[: kept.stat().st_size // 2])  # a disk that filled up mid-write, say
     cut = LocalChat(seed=1, cache_folder=tmp_path)
     try:
         assert cut.restored_tokens == 0
         counted = reads(cut)
         answer, _ = drain(cut.stream(ASKED, max_tokens=20, cancel=threading.Event()))
-        assert answer and sum(counted) > 300, "the history was not read after a cache that failed to load"
+        assert sum(counted) > 300, "the history was not read after a cache that failed to load"
+        assert answer == drain(chat.stream(ASKED, max_tokens=20, cancel=threading.Event()))[0]
     finally:
         cut.close()
     other = LocalChat(seed=1, cache_folder=tmp_path, context_tokens=1024)  # another context: another cache
@@ -370,3 +372,11 @@ def test_a_cut_cache_is_ignored_and_other_versions_are_swept(in_process_llama: N
         other.close()
     [left] = tmp_path.glob("*.llama-state")
     assert left != kept and not kept.exists()
+    (tmp_path / left.name.replace(left.name.split("-")[-1], "0123456789abcdef.llama-state")).mkdir()
+    last = LocalChat(seed=1, cache_folder=tmp_path, context_tokens=1024)
+    try:
+        last.warm_up(ASKED)
+        assert last.keep_what_was_read(), "an old cache that cannot be removed stopped the keeping"
+    finally:
+        last.close()
+    assert not last.keep_what_was_read()  # closed: nothing to keep, and no error

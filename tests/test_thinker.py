@@ -143,27 +143,40 @@ def test_service_refusals_are_errors_with_an_apology(run_thinker, make_client, s
 @pytest.mark.slow
 def test_the_model_s_context_is_kept_for_the_next_thinker(run_thinker, make_client, tmp_path, monkeypatch):
     """A returning user's first answer waited seconds while the model read the history again. The thinker
-    keeps the model's context in the state folder during a run (so a SIGKILL loses little) and when it
-    stops, and the next thinker starts from it."""
-    monkeypatch.setattr(thinker_module, "KEEP_EVERY_TOKENS", 1)  # after every turn, to see it without a long chat
-    client = make_client("test", subscribe=("llm.", "sys.ready", "sys.bye"))
+    keeps the model's context in the state folder when it stops and, during a run, once enough is new (so
+    a SIGKILL loses little); the next thinker starts from it. Keeping it must never cost an answer."""
+    client = make_client("test", subscribe=("llm.", "sys."))
+
+    def ask(question: str) -> None:
+        turn = new_turn_id()
+        client.publish(Ask(text=question), turn=turn)
+        assert answer(client, turn)[-1].body.finish_reason in ("stop", "length")
+
     first = run_thinker(max_tokens=30)
     ready(client)
-    turn = new_turn_id()
-    client.publish(Ask(text="What is the capital of France?"), turn=turn)
-    answer(client, turn)
+    ask("What is the capital of France?")
     kept = tmp_path / "llm"
-    deadline = time.monotonic() + 10
-    while not list(kept.glob("*.llama-state")) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    [cache] = kept.glob("*.llama-state")
-    written = cache.stat().st_mtime_ns
+    assert not list(kept.glob("*.llama-state")), "kept after one short turn (KEEP_EVERY_TOKENS is 256)"
     first.stop("test: next run")
     wait_for(client, lambda e: e.kind == "sys.bye" and e.body.name == "thinker", timeout=30)
-    assert cache.stat().st_mtime_ns == written, "kept again although the model read nothing since"
+    [cache] = kept.glob("*.llama-state")  # kept when it stopped
+
+    monkeypatch.setattr(thinker_module, "KEEP_EVERY_TOKENS", 1)  # after every turn, to see it without a long chat
     second = run_thinker(max_tokens=30)
     ready(client)
     assert second.chat.restored_tokens > 50  # the system prompt, the question and its answer
-    turn = new_turn_id()
-    client.publish(Ask(text="What is two plus two?"), turn=turn)
-    assert answer(client, turn)[-1].body.finish_reason in ("stop", "length")
+    written = cache.stat().st_mtime_ns
+    ask("What is two plus two?")
+    deadline = time.monotonic() + 10
+    while cache.stat().st_mtime_ns == written and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert cache.stat().st_mtime_ns != written, "not kept during the run"
+
+    def fails(**_options):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(second.chat, "keep_what_was_read", fails)
+    ask("What is the capital of Italy?")
+    error = wait_for(client, lambda e: e.kind == "sys.error" and e.body.where == "thinker.keep_context", timeout=10)
+    assert "No space left" in error.body.message
+    ask("What is three plus three?")  # the thread that answers outlived the failure

@@ -421,7 +421,10 @@ class Thinker(Actor):
             if done is not None:
                 self.bus.publish(done, turn=job.turn)
             self._read_ahead()
-            self._keep_what_was_read(KEEP_EVERY_TOKENS)
+            with self._wake:
+                idle = not self._queue and not self.stopping  # a waiting turn goes first; close() keeps it all
+            if idle:
+                self._keep_what_was_read(KEEP_EVERY_TOKENS)
 
     def _read_ahead(self) -> None:
         """When the history window has moved, have the model read the new one now, while nothing waits.
@@ -452,8 +455,12 @@ class Thinker(Actor):
         history again (a returning user's first answer: 6.9 s with 40 turns of history, 0.9 s with the context
         kept; scripts/bench_returning_user.py)."""
         keep = getattr(self.chat, "keep_what_was_read", None)
-        if keep is not None:
+        if keep is None:
+            return
+        try:
             keep(unless_fewer_than=unless_fewer_than)
+        except Exception as exc:  # the copy only saves time: a failure must not end the thread that answers
+            self.bus.report("thinker.keep_context", exc)
 
     def _end_failed(self, job: Job, exc: Exception) -> LlmDone:
         """Every accepted turn gets its llm.done, even one whose answering failed unexpectedly."""

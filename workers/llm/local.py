@@ -265,9 +265,9 @@ class LocalChat:
     def keep_what_was_read(self, *, unless_fewer_than: int = 1) -> bool:
         """Write the model's context to the cache folder, when it holds at least ``unless_fewer_than`` tokens
         the cache does not; True if written. Not while a stream or warm-up runs (one thread, see the class)."""
-        llm = self._model()
-        if self._cache is None:
+        if self._cache is None or self._llm is None:
             return False
+        llm = self._llm
         read = llm.input_ids[: llm.n_tokens].tolist()
         if len(read) - _common_prefix(read, self._kept) < unless_fewer_than:
             return False

@@ -21,9 +21,11 @@ a failure costs the next start its time, not its answer.
 from __future__ import annotations
 
 import ctypes
+import glob
 import hashlib
 import logging
 import os
+import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -44,8 +46,10 @@ def cache_file(folder: Path, model_path: Path, context_tokens: int, layout: str)
     import llama_cpp
 
     stat = model_path.stat()
-    identity = f"{model_path.resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}\0{context_tokens}\0{layout}\0" \
-               f"{llama_cpp.__version__}"
+    # A model replaced in place keeps none of these (a copy that preserves the size and mtime gets a new
+    # inode and ctime); llama.cpp itself only checks that the shapes fit.
+    identity = "\0".join(map(str, (model_path.resolve(), stat.st_size, stat.st_mtime_ns, stat.st_ino, stat.st_ctime_ns,
+                                    context_tokens, layout, llama_cpp.__version__)))
     return folder / f"{model_path.stem}-{hashlib.sha256(identity.encode()).hexdigest()[:DIGEST]}{SUFFIX}"
 
 
@@ -57,7 +61,11 @@ def restore(llm: Llama, path: Path) -> int:
     """
     import llama_cpp
 
-    if not path.is_file() or llm.n_tokens:
+    try:
+        if not path.is_file() or llm.n_tokens:
+            return 0
+    except OSError as exc:  # a folder this user cannot read: as if there were no cache
+        _log.warning("ignored the chat model's cache %s: %s", path, exc)
         return 0
     capacity = llm.n_ctx()
     tokens = (llama_cpp.llama_token * capacity)()
@@ -83,11 +91,12 @@ def save(llm: Llama, path: Path) -> bool:
     if not n:
         return False
     tokens = (llama_cpp.llama_token * n)(*llm.input_ids[:n].tolist())
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temporary = path.with_name(f".{path.name}.{os.getpid()}-{threading.get_ident()}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         if not llama_cpp.llama_state_save_file(llm.ctx, os.fsencode(temporary), tokens, n):
             raise OSError(f"llama.cpp could not write {temporary}")
+        os.chmod(temporary, 0o600)  # it holds the conversation, as the history does
         os.replace(temporary, path)
     except OSError as exc:
         _log.warning("could not keep the chat model's cache: %s", exc)
@@ -99,13 +108,17 @@ def save(llm: Llama, path: Path) -> bool:
 
 def _sweep(kept: Path) -> None:
     """Remove the caches of other versions of ``kept``'s model, and writes a kill cut short long ago."""
-    stem = kept.name[: -len(SUFFIX) - DIGEST - 1]
-    for other in kept.parent.glob(f"{stem}-*{SUFFIX}"):
-        if other != kept and len(other.name) == len(kept.name):
-            other.unlink(missing_ok=True)
+    stem = glob.escape(kept.name[: -len(SUFFIX) - DIGEST - 1])
+    stale = [other for other in kept.parent.glob(f"{stem}-*{SUFFIX}")
+             if other != kept and len(other.name) == len(kept.name)]
     for temporary in kept.parent.glob(f".{stem}-*{SUFFIX}.*.tmp"):
         try:
             if time.time() - temporary.stat().st_mtime > STALE_WRITE_S:
-                temporary.unlink()
+                stale.append(temporary)
         except OSError:
             pass  # another run's, just finished or removed
+    for path in stale:
+        try:
+            path.unlink(missing_ok=True)
+        except OSError as exc:  # not ours to remove, or not a file: it costs disk space, nothing else
+            _log.warning("could not remove an old cache of the chat model: %s", exc)
