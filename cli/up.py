@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -48,12 +49,14 @@ def parse_only(ctx: click.Context, param: click.Parameter, value: str | None) ->
               help="Supervise only these workers (e.g. --only speaker on a second host, with --bus).")
 @click.option("--start-bus/--join-bus", default=None,
               help="Start the bus here, or join a running one at --bus. Default: start it unless --only is given.")
+@click.option("--continue", "continue_", is_flag=True, default=None,
+              help="Go on with the conversation of earlier runs (the chat model sees it); default: a new one.")
 @click.option("--record", "record_path", type=click.Path(dir_okay=False, path_type=Path), metavar="FILE",
               help="Record the whole session, your voice included, to FILE (see 'voicebus show', 'voicebus replay').")
 @bus_options
 def up(input_: str | None, output: str | None, fast: bool | None, asr: str | None, llm: str | None,
        tts: str | None, barge_in: bool | None, only: tuple[str, ...], start_bus: bool | None,
-       record_path: Path | None, source: SettingsSource) -> None:
+       continue_: bool | None, record_path: Path | None, source: SettingsSource) -> None:
     """Run the voice loop: bus, listener, thinker and speaker, restarted on failure.
 
     \b
@@ -66,8 +69,10 @@ def up(input_: str | None, output: str | None, fast: bool | None, asr: str | Non
     """
     settings = source.load(
         audio__input=input_, audio__output=output, audio__fast=fast, asr__backend=asr, llm__backend=llm,
-        tts__backend=tts, vad__barge_in=barge_in,
+        tts__backend=tts, vad__barge_in=barge_in, state__continue_conversation=continue_,
     )
+    # Restarted workers get the same: a thinker restarted mid-run still sees the whole of this run's conversation.
+    settings = replace(settings, state=replace(settings.state, run_started=time.time()))
     if record_path is not None:  # the recording holds the user's voice and the assistant's
         settings = replace(settings, audio=replace(settings.audio, publish_audio=True))
     preflight(settings, only)

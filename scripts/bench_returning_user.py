@@ -1,9 +1,11 @@
-"""A returning user's first answer: `voicebus up` on a state folder with a history, the model's context kept or not.
+"""A returning user's first answer: `voicebus up --continue` on a state folder with a history, the model's context
+kept or not.
 
     python scripts/bench_returning_user.py [--turns 0,40,150] [--runs 3]
 
-The history stays in the state folder across runs, and the local chat model
-reads it before its first answer: seconds on 2 cores. The thinker writes the
+The history stays in the state folder across runs; a run that continues the
+conversation (``--continue``) has the local chat model read it before its first
+answer: seconds on 2 cores. The thinker writes the
 model's context down (``voicebus.workers.llm.prompt_cache``), and the next run
 starts from it. For each history length this script seeds a state folder,
 runs `voicebus up --input examples/question.wav` once on it (which leaves the
@@ -58,7 +60,7 @@ def run_up(state: Path, output: Path) -> tuple[int | None, float]:
     """speech end → first audio in ms (None if no answer was timed), and the run's wall time."""
     env = {**os.environ, "VOICEBUS_STATE_DIR": str(state), "VOICEBUS_LLM_SEED": "1", "PYTHONUNBUFFERED": "1"}
     started = time.perf_counter()
-    done = subprocess.run(["voicebus", "up", "--input", str(QUESTION), "--output", str(output)], env=env,
+    done = subprocess.run(["voicebus", "up", "--continue", "--input", str(QUESTION), "--output", str(output)], env=env,
                           capture_output=True, text=True, timeout=300, check=False)
     wall = time.perf_counter() - started
     found = LATENCY.search(done.stdout + done.stderr)

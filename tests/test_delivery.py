@@ -168,6 +168,28 @@ def test_a_voice_turn_spoken_over_before_its_answer_began_is_not_answered(thinke
     assert (spoken_over, "assistant", "") in history(tmp_path)
 
 
+@pytest.mark.parametrize("continued", [False, True])
+def test_a_new_run_is_a_new_conversation_unless_continued(thinker, make_client, tmp_path, scripted, continued):
+    """Found trying voicebus as a new user: after the README's example had run five times, the embedded model
+    answered "The capital of France is Paris." to every question, copying the history of earlier runs."""
+    _, script = scripted
+    earlier = new_turn_id() - 3_600_000_000  # an hour ago, in turn ids (milliseconds × 1000)
+    with Conversation(tmp_path / "conversation.sqlite") as memory:
+        memory.add_user(earlier, "What is the capital of France?")
+        memory.add_assistant(earlier, "The capital of France is Paris.")
+    model = f"echo-run-{continued}"
+    client = make_client("test", subscribe=("llm.", "sys.ready"))
+    thinker(model, **{"state.continue_conversation": continued, "state.run_started": time.time()})
+    ready(client)
+    turn = new_turn_id()
+    client.publish(Ask(text="What is two plus two?"), turn=turn)
+    until_done(client, turn)
+    sent = [m["content"] for m in script.seen(model)[-1].body["messages"] if m["role"] != "system"]
+    before = ["What is the capital of France?", "The capital of France is Paris."] if continued else []
+    assert sent == [*before, "What is two plus two?"]
+    assert [h[0] for h in history(tmp_path)] == [earlier, earlier, turn, turn]  # kept on disk either way
+
+
 def test_a_new_thinker_resumes_what_its_predecessor_accepted(thinker, make_client, tmp_path, scripted):
     """The state a thinker killed mid-answer leaves behind: the turn accepted, two sentences sent."""
     _, script = scripted

@@ -65,3 +65,19 @@ def test_with_room_kept_for_the_question_its_window_is_the_one_read_before_it_ca
         asked = conv.messages(budget, words, stable=True, reserve=reserve)
         assert asked[-1]["content"] == long_question and sum(words(m["content"]) for m in asked) <= budget
     assert surprises[0] > 5 and surprises[reserve] == 0, surprises
+
+
+def test_turns_before_since_are_left_out_but_the_one_being_answered_is_not(tmp_path: Path) -> None:
+    """A new run is a new conversation for the model (state.continue_conversation off): earlier runs' turns
+    stay on disk and out of the prompt, except a turn of theirs that this run answers (a resumed one)."""
+    with Conversation(tmp_path / "c.sqlite", system_prompt="Be brief.") as conv:
+        for turn in (10, 20, 30):
+            conv.add_user(turn, f"question {turn}")
+            conv.add_assistant(turn, f"answer {turn}")
+        conv.add_user(25, "question 25")  # an earlier run's turn left unanswered, resumed now
+        conv.add_user(40, "question 40")
+        contents = [m["content"] for m in conv.messages(500, words, since_turn=30)]
+        assert contents == ["Be brief.", "question 30", "answer 30", "question 40"]
+        assert [m["content"] for m in conv.messages(500, words, since_turn=30, until_turn=25)] == [
+            "Be brief.", "question 25"]
+        assert len(conv.messages(500, words)) == 1 + 8  # and all of it without since_turn

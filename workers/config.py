@@ -132,6 +132,14 @@ class StateSettings:
     dir: Path = Path("~/.local/share/voicebus")
     """conversation history (SQLite) and model caches"""
     session: str = "default"
+    continue_conversation: bool = False
+    """a new ``voicebus up`` goes on with the conversation of earlier runs: the model sees them, as far as they
+    fit. Off: each run is a new conversation for the model, and the earlier ones stay on disk. The embedded 135M
+    model copies answers out of a repetitive history: after the README's example had run five times, it answered
+    "The capital of France is Paris." to every question."""
+    run_started: float = 0.0
+    """(set by ``voicebus up`` for its workers) when this run began, in seconds since the epoch; 0 = when the
+    thinker started"""
 
 
 @dataclass(frozen=True)

@@ -179,6 +179,7 @@ class Conversation:
         until_turn: int | None = None,
         stable: bool = False,
         reserve: int = 0,
+        since_turn: int | None = None,
     ) -> list[dict[str, str]]:
         """The system prompt and the most recent whole turns that fit ``budget_tokens``.
 
@@ -202,10 +203,14 @@ class Conversation:
         only a question (no answer yet) and fits in them does not decide where the
         window starts, so the window for a question is the one computed before it
         came (with the same ``reserve``), and a model can read it in advance.
+
+        ``since_turn``: turns before it are left out (earlier runs' conversations), all but ``until_turn``.
         """
         turns: dict[int, list[dict[str, str]]] = {}
         for turn, role, text in self.history():
             if until_turn is not None and turn > until_turn:
+                continue
+            if since_turn is not None and turn < since_turn and turn != until_turn:
                 continue
             if text:
                 turns.setdefault(turn, []).append({"role": role, "content": text})

@@ -122,6 +122,8 @@ class Thinker(Actor):
         """how the last prompt the model read begins (see ``_read_ahead``)"""
         self._closing = threading.Event()
         """set by close(): a warm-up under way stops at its next step"""
+        self._since_turn: int | None = None
+        """the model sees no turn older than this (this run's conversation: state.continue_conversation)"""
 
     def backends(self) -> dict[str, str]:
         return {"llm": self.settings.llm.backend}
@@ -136,6 +138,9 @@ class Thinker(Actor):
             on_degraded=self._memory_degraded,
         )
         self.log = TurnLog(self.memory)
+        if not self.settings.state.continue_conversation:
+            started = self.settings.state.run_started or time.time()
+            self._since_turn = int(started * 1000) * 1000  # turn ids count milliseconds × 1000 (new_turn_id)
         warm_up = getattr(self.chat, "warm_up", None)
         messages = self._prompt(None)
         if warm_up is not None:  # local models, and servers on this machine: a remote one would cost a request
@@ -583,11 +588,12 @@ class Thinker(Actor):
         return " ".join(said)
 
     def _prompt(self, turn: int | None) -> list[dict[str, str]]:
-        """System prompt and as much history up to ``turn`` as fits beside the answer."""
+        """System prompt and as much history up to ``turn`` as fits beside the answer: this run's, or all runs'
+        with state.continue_conversation."""
         assert self.memory is not None and self.chat is not None
         budget = max(256, self.chat.context_tokens - self.settings.llm.max_tokens)
         return self.memory.messages(budget, self.chat.count_tokens, per_message=self.chat.message_tokens,
-                                    until_turn=turn, stable=True, reserve=QUESTION_TOKENS)
+                                    until_turn=turn, stable=True, reserve=QUESTION_TOKENS, since_turn=self._since_turn)
 
     def close(self) -> None:
         self._closing.set()
