@@ -75,9 +75,9 @@ def up(input_: str | None, output: str | None, fast: bool | None, asr: str | Non
     settings = replace(settings, state=replace(settings.state, run_started=time.time()))
     if record_path is not None:  # the recording holds the user's voice and the assistant's
         settings = replace(settings, audio=replace(settings.audio, publish_audio=True))
-    preflight(settings, only)
     if start_bus is None:
         start_bus = set(only) == set(WORKERS)
+    preflight(settings, only, start_bus=start_bus)
     env = to_env(settings)
     recorder = SessionRecorder(settings, record_path) if record_path else None
 

@@ -10,9 +10,11 @@ no exit path hangs on an unsent message.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import logging
 import os
+import socket
 import threading
 
 import zmq
@@ -200,3 +202,30 @@ class Bus:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def ensure_free(endpoints: Endpoints) -> None:
+    """ConfigError if a bus already runs at ``endpoints``: its folder's lock is held (ipc), or its ports are taken
+    (tcp). For ``voicebus up`` before it starts anything: its workers would otherwise join the running bus."""
+    busy = f"a bus is already running at {endpoints.url} (another voicebus up?); stop it, or give this run a bus of its own"
+    if endpoints.is_ipc:
+        path = os.path.join(endpoints.folder, LOCK_FILE)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        except OSError:
+            return  # no lock file: no bus has run here
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ConfigError(f"{busy}: --bus ipc:///tmp/voicebus-second") from None
+        finally:
+            os.close(fd)  # closing drops our lock too
+        return
+    for port in (endpoints.port, endpoints.port + 1):
+        with socket.socket(socket.AF_INET6 if ":" in endpoints.host else socket.AF_INET) as probe:
+            try:
+                probe.bind((endpoints.host, port))
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    raise ConfigError(f"{busy}: --bus tcp://{endpoints.host}:{endpoints.port + 2}") from None
+                return  # another failure (an address not on this host): the bus reports it when it binds

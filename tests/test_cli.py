@@ -20,6 +20,7 @@ from voicebus.cli.console import ConsoleView
 from voicebus.cli.main import cli
 from voicebus.engine import __version__
 from voicebus.engine.bus import Bus, Endpoints
+from voicebus.engine.endpoints import free_port_pair
 from voicebus.engine.client import BusClient
 from voicebus.engine.messages import Envelope, Error, Heartbeat, Interrupt, new_turn_id
 from voicebus.engine.security import Security
@@ -83,6 +84,32 @@ def test_unknown_backend_and_missing_keys_stop_up_before_anything_starts():
     assert result.stderr.strip().splitlines() == [
         "ConfigError: missing setting(s) for the chosen backends: SPEECH_KEY, SPEECH_REGION"
     ]
+
+
+@pytest.mark.parametrize("setting, said", [
+    ("VOICEBUS_VAD_ENGINE=foo", "unknown VAD engine 'foo'; choose from silero, webrtc"),
+    ("VOICEBUS_ASR_LANGUAGE=klingon", "whisper does not know language 'klingon'"),
+])
+def test_listener_settings_are_checked_before_anything_starts(setting, said):
+    """Found trying voicebus as a new user: these failed only once the listener had loaded its models, five
+    times over, with tracebacks (its own _fail shadowed the actor's)."""
+    name, value = setting.split("=")
+    result = run("up", "--input", "none", "--output", "none", extra={name: value})
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    [line] = result.stderr.strip().splitlines()
+    assert said in line
+
+
+def test_a_second_up_on_a_running_bus_stops_before_anything_starts(bus):
+    """Found trying voicebus as a new user: a second `voicebus up` on the default bus failed to start its own,
+    its workers joined the running one, and its end ("input ended") stopped the first run too."""
+    result = run("up", "--input", "none", "--output", "none", "--bus", bus.endpoints.url)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    [line] = result.stderr.strip().splitlines()
+    assert f"a bus is already running at {bus.endpoints.url} (another voicebus up?)" in line
+    with Bus(Endpoints.parse(f"tcp://127.0.0.1:{free_port_pair()}"), Security(explicitly_insecure=True)) as tcp:
+        result = run("up", "--input", "none", "--output", "none", "--bus", tcp.endpoints.url, "--insecure")
+    assert result.returncode == 1 and f"a bus is already running at {tcp.endpoints.url}" in result.stderr
 
 
 def test_bad_bus_address_is_one_line():

@@ -238,3 +238,16 @@ def test_a_question_spoken_over_waits_for_the_speaker_to_say_how_it_ended(run_li
     client.publish(LlmDone(finish_reason="stop", sentences=2, replay=True), turn=first)
     shutdown = wait_for(client, lambda e: e.kind == "ctl.shutdown", timeout=10)
     assert shutdown.body.reason == "input ended" and not shutdown.body.failed
+
+
+def test_a_listener_that_cannot_load_says_why_in_one_line(run_actor, make_client, capfd):
+    """Its own give-up routine once shadowed the actor's failure report (same name, other arguments): a load
+    failure became a TypeError traceback, and the supervisor's 'last error' said nothing."""
+    client = make_client("test", subscribe=("sys.error", "sys.bye"))
+    run_actor(Listener, **{"vad.engine": "foo", "audio.input": str(Path(__file__).resolve().parent.parent / "examples" / "question.wav"),
+                           "audio.fast": True})
+    error = wait_for(client, lambda e: e.kind == "sys.error", timeout=60).body
+    assert error.where == "listener.start" and "unknown VAD engine 'foo'" in error.message
+    wait_for(client, lambda e: e.kind == "sys.bye", timeout=10)
+    err = capfd.readouterr().err
+    assert "listener: ConfigError: unknown VAD engine 'foo'" in err and "Traceback" not in err

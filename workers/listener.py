@@ -225,17 +225,17 @@ class Listener(Actor):
             if not self._progress.heard_any:
                 what = "no speech was heard" if not self._progress.utterances else (
                     f"nothing could be recognized in the {self._progress.utterances} utterance(s) heard")
-                self._fail(f"{what} in {self.settings.audio.input}")
+                self._give_up(f"{what} in {self.settings.audio.input}")
             else:
                 self._eof_at = None
                 self._done()
                 self.bus.publish(Shutdown(reason="input ended"))
         elif self.redelivery.quiet_for(now) > self.no_news_s and now - self._eof_at > self.no_news_s:
             turns = ", ".join(str(t) for t in self.redelivery.pending())
-            self._fail(f"no answer to turn(s) {turns} for {self.no_news_s:.0f} s: "
+            self._give_up(f"no answer to turn(s) {turns} for {self.no_news_s:.0f} s: "
                        f"is a thinker running on {self.settings.bus.url}?")
 
-    def _fail(self, reason: str) -> None:
+    def _give_up(self, reason: str) -> None:
         self._eof_at = None
         print(f"listener: {reason}", file=sys.stderr, flush=True)
         self.bus.publish(Error(where="listener", code="no_answer", message=reason))

@@ -13,6 +13,7 @@ import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
+from voicebus.engine.bus import ensure_free
 from voicebus.engine.endpoints import Endpoints
 from voicebus.engine.errors import AudioError, ConfigError, ModelError
 from voicebus.engine.security import Security
@@ -54,6 +55,20 @@ def check_backend_names(settings: Settings) -> None:
         name = getattr(settings, stage).backend
         if name not in known:
             raise ConfigError(f"unknown {stage} backend {name!r}; choose from {', '.join(known)}")
+
+
+def check_listener_settings(settings: Settings, workers: Iterable[str]) -> None:
+    """Settings the listener would only find wrong once its models are loaded (and after every restart)."""
+    if "listener" not in set(workers):
+        return
+    from voicebus.workers.vad_frames import ENGINES
+
+    if settings.vad.engine not in ENGINES:
+        raise ConfigError(f"unknown VAD engine {settings.vad.engine!r}; choose from {', '.join(ENGINES)}")
+    if settings.asr.backend == "whisper":
+        from voicebus.workers.asr.whisper import check_language
+
+        check_language(settings.asr.language)
 
 
 def check_audio(settings: Settings, workers: Iterable[str]) -> None:
@@ -118,13 +133,16 @@ def check_state_dir(settings: Settings, workers: Iterable[str]) -> None:
         raise ConfigError(f"state dir {path} is not writable ({exc.strerror or exc}): {hint}") from None
 
 
-def preflight(settings: Settings, workers: Iterable[str]) -> None:
+def preflight(settings: Settings, workers: Iterable[str], *, start_bus: bool = False) -> None:
     workers = tuple(workers)
     check_backend_names(settings)
+    check_listener_settings(settings, workers)
     missing = missing_settings(settings, workers)
     if missing:
         raise ConfigError(f"missing setting(s) for the chosen backends: {', '.join(missing)}")
     check_bus(settings)
+    if start_bus:
+        ensure_free(Endpoints.parse(settings.bus.url))
     check_model_paths(settings, workers)
     check_state_dir(settings, workers)
     check_audio(settings, workers)

@@ -28,7 +28,7 @@ from __future__ import annotations
 import math
 import re
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -64,6 +64,21 @@ silence or a cough is whisper's best-known hallucination)."""
 def whisper_language(language: str) -> str:
     """Whisper's code for a BCP-47 tag: ``en-US`` → ``en``."""
     return language.replace("_", "-").split("-", 1)[0].strip().lower()
+
+
+def check_language(language: str, known: Iterable[str] | None = None) -> str:
+    """Whisper's code for ``language``; ConfigError naming the choices if whisper does not know it. ``known``:
+    the loaded model's languages (default: those of faster-whisper's tokenizer, without loading a model)."""
+    if known is None:
+        from faster_whisper.tokenizer import _LANGUAGE_CODES  # the list every multilingual whisper model knows
+
+        known = _LANGUAGE_CODES
+    known = sorted(known)
+    code = whisper_language(language)
+    if code not in known:
+        raise ConfigError(f"whisper does not know language {language!r}; use a tag such as en-US, de-DE or fr-FR "
+                          f"({len(known)} languages: {', '.join(known)})")
+    return code
 
 
 def collapse_repeats(text: str) -> str:
@@ -138,13 +153,7 @@ class WhisperRecognizer:
             )
         except (RuntimeError, ValueError, OSError) as exc:
             raise ModelError(f"cannot load the whisper model from {model_dir}: {exc}") from exc
-        code = whisper_language(language)
-        if code not in model.supported_languages:
-            raise ConfigError(
-                f"whisper does not know language {language!r}; use a tag such as en-US, de-DE or "
-                f"fr-FR ({len(model.supported_languages)} languages: "
-                f"{', '.join(sorted(model.supported_languages))})"
-            )
+        code = check_language(language, model.supported_languages)
         self._model = model
         self._tokenizer = Tokenizer(model.hf_tokenizer, model.model.is_multilingual, task="transcribe", language=code)
         # A prompt is read as the text before the utterance: it hints at style and vocabulary.
