@@ -32,7 +32,7 @@ from voicebus.engine.bus import tune
 from voicebus.engine.client import SequenceTracker
 from voicebus.engine.errors import ConfigError, ProtocolError
 from voicebus.engine.messages import Hello, decode
-from voicebus.engine.recording import RecordingWriter
+from voicebus.engine.recording import RecordingError, RecordingWriter
 from voicebus.workers.config import Settings
 
 AUDIO_KINDS = (b"audio.in", b"audio.out")
@@ -257,6 +257,8 @@ class SessionRecorder:
     """
 
     def __init__(self, settings: Settings, path: Path) -> None:
+        if path.exists():  # (the writer's own hint names `voicebus record`'s --append and --force)
+            raise RecordingError(f"{path} exists: choose another name (voicebus up never overwrites a recording)")
         writer = RecordingWriter(
             path, bus=settings.bus.url, audio=True, backends=session_backends(settings),
             settings=header_settings(settings),

@@ -117,6 +117,8 @@ def compare(c: Comparison, tol: Tolerances) -> Comparison:
         c.notes.append("the recording ends before this turn did: only what it shows is compared")
     elif not same_text(then.answer, now.answer, tol.answer_match):
         (c.differences if tol.timing or then.finish == now.finish else c.notes).append("answer differs")
+    if now.errors and not then.errors:  # a failure is a difference however the turns were timed
+        c.differences.append(f"failed now: {now.errors[0]}")
     if then.finish and (then.finish, then.outcome or now.outcome) != (now.finish, now.outcome):
         timing.append(f"ended differently: {then.finish or '–'}/{then.outcome or '–'} then, "
                       f"{now.finish or '–'}/{now.outcome or '–'} now")

@@ -112,6 +112,16 @@ def test_a_second_up_on_a_running_bus_stops_before_anything_starts(bus):
     assert result.returncode == 1 and f"a bus is already running at {tcp.endpoints.url}" in result.stderr
 
 
+def test_up_never_overwrites_a_recording_and_says_so(tmp_path):
+    existing = tmp_path / "s.vbrec"
+    existing.write_bytes(b"an earlier session")
+    result = run("up", "--input", "none", "--output", "none", "--record", str(existing))
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    [line] = result.stderr.strip().splitlines()
+    assert "exists: choose another name" in line and "--force" not in line  # up has no --append or --force
+    assert existing.read_bytes() == b"an earlier session"
+
+
 def test_bad_bus_address_is_one_line():
     result = run("tap", "--bus", "http://nowhere")
     assert result.returncode == 1 and "tcp://HOST:PORT" in result.stderr and "Traceback" not in result.stderr

@@ -88,6 +88,15 @@ def test_without_the_recorded_timing_only_what_was_heard_is_judged():
     assert heard.differences and "heard differs" in heard.differences[0]
 
 
+def test_a_turn_that_fails_now_is_a_difference_even_without_the_recorded_timing():
+    """Found trying voicebus as a new user: replaying a recording against a chat server that was gone gave
+    the apology and "0 diverged", and never said why."""
+    failed = story(2, finish="error", answer="Sorry, I could not answer that.")
+    failed.errors = ["connection: cannot connect to http://127.0.0.1:18777/v1/: Connection refused"]
+    c = compare(Comparison("text", story(1), failed), Tolerances(timing=False))
+    assert c.differences == [f"failed now: {failed.errors[0]}"]
+
+
 def test_barge_ins_count_and_revoked_guesses_are_noted():
     then, now = story(1), story(2)
     now.interrupts = ["barge-in"]
