@@ -240,7 +240,8 @@ class BusClient:
                         return
                 else:
                     self._pending.append(env)
-        hint = " (is this client's key allowed there? 'voicebus keys allow')" if self._secure else ""
+        hint = (" (is this client's key allowed there? 'voicebus keys allow')" if self._secure
+                else " (is voicebus up running? it starts the bus)")
         raise ConnectionError(f"no answer from the bus at {self.endpoints.url} within {timeout:.0f} s{hint}")
 
     def close(self) -> None:

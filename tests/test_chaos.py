@@ -21,9 +21,11 @@ SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "chaos.py"
 
 
 def test_two_kills_of_each_process_lose_nothing_and_duplicate_nothing(tmp_path):
+    # --settle: the flood waits this long after the last kill. A worker restarted just before grows on its own
+    # (its first decodes and sentences allocate buffers): with 5 s, a listener 4 s old grew 45 MB, over the bound.
     args = [
         "--llm", "scripted", "--kills", "2", "--max-minutes", "3", "--seed", "7",
-        "--floods", "1", "--flood-seconds", "4", "--settle", "5", "--fuzz", "1", "--fuzz-frames", "500",
+        "--floods", "1", "--flood-seconds", "4", "--settle", "15", "--fuzz", "1", "--fuzz-frames", "500",
         "--spacing", "0", "--between", "0.3,1", "--moment-wait", "8", "--drain", "60",
         "--workdir", str(tmp_path / "run"), "--cache", str(tmp_path / "voice"), "--models", str(tmp_path / "none"),
     ]

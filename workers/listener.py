@@ -233,7 +233,7 @@ class Listener(Actor):
         elif self.redelivery.quiet_for(now) > self.no_news_s and now - self._eof_at > self.no_news_s:
             turns = ", ".join(str(t) for t in self.redelivery.pending())
             self._give_up(f"no answer to turn(s) {turns} for {self.no_news_s:.0f} s: "
-                       f"is a thinker running on {self.settings.bus.url}?")
+                          f"is a thinker running on {self.settings.bus.url}?")
 
     def _give_up(self, reason: str) -> None:
         self._eof_at = None

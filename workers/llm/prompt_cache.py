@@ -1,10 +1,11 @@
 """What the local chat model has read, kept on disk, so that the next start does not read it again.
 
-The thinker's prompt is the system prompt and a long stretch of the history,
-kept across runs. A returning user's first answer waited while the model read
-again a history the last run had read: on 2 cores, 6.9 s from the end of speech
-to the first audio with 40 turns, 10.3 s with 150, against about 0.9 s with the
-context restored (``scripts/bench_returning_user.py``). llama.cpp writes its
+The thinker's prompt is the system prompt and the conversation so far. A thinker
+restarted mid-run, or a run that goes on with the conversation of earlier ones
+(``voicebus up --continue``), had the model read all of it again before the next
+answer: on 2 cores, 6.9 s from the end of speech to the first audio with 40
+turns, 10.3 s with 150, against about 0.9 s with the context restored
+(``scripts/bench_returning_user.py``). llama.cpp writes its
 context (the tokens and their key/value cache) to a file and reads it back
 (``llama_state_save_file`` / ``llama_state_load_file``): about 23 KB a token
 for SmolLM2-135M, 27 MB for 1,178 tokens, written in tens of milliseconds.
