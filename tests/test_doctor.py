@@ -66,10 +66,12 @@ def test_a_model_that_fails_to_load_is_reported_by_the_real_child(tmp_path: Path
 # --- voicebus doctor ------------------------------------------------------------------------
 
 
-def run_doctor(tmp_path: Path, probe: GenerationProbe | None) -> tuple[int, list[str]]:
-    """``voicebus doctor`` in process with the embedded defaults; (exit code, output lines)."""
-    env = {name: None for name in os.environ if name.startswith("VOICEBUS_")}
+def run_doctor(tmp_path: Path, probe: GenerationProbe | None, **settings: str) -> tuple[int, list[str]]:
+    """``voicebus doctor`` in process with the embedded defaults and ``settings`` (environment variables);
+    (exit code, output lines)."""
+    env: dict[str, str | None] = {name: None for name in os.environ if name.startswith("VOICEBUS_")}
     env["VOICEBUS_STATE_DIR"] = str(tmp_path)
+    env.update(settings)
     result = CliRunner().invoke(cli, ["doctor"], obj=probe, env=env)
     assert "Traceback" not in result.output
     return result.exit_code, result.output.splitlines()
@@ -83,6 +85,13 @@ def test_doctor_reports_a_crashing_model_as_one_failed_check(tmp_path: Path) -> 
     assert failed[0].startswith("FAIL llm   generate   local: llama.cpp crashed (SIGSEGV)")
     assert "AVX2" in failed[0] and "AVX-512" in failed[0] and "AMX" in failed[0] and "build:" in failed[0]
     assert any(line.startswith("ok   tts") for line in lines), "doctor went on after the crash"
+
+
+def test_doctor_fails_a_listener_setting_that_voicebus_up_would_refuse(tmp_path: Path) -> None:
+    """Found trying voicebus as a new user: doctor said all was well where up could not start."""
+    code, lines = run_doctor(tmp_path, GenerationProbe(SEGFAULT), VOICEBUS_VAD_ENGINE="foo")
+    assert code == 1
+    assert "FAIL asr   settings   whisper: unknown VAD engine 'foo'; choose from silero, webrtc" in lines, lines
 
 
 @pytest.mark.slow

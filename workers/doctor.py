@@ -16,12 +16,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from voicebus.engine.errors import VoicebusError
+from voicebus.engine.errors import ConfigError, VoicebusError
 from voicebus.workers.asr import CHOOSE, MEASURED
 from voicebus.workers.config import Settings
 from voicebus.workers.cores import half_the_cores
 from voicebus.workers.llm.probe import GenerationProbe
-from voicebus.workers.preflight import missing_settings
+from voicebus.workers.preflight import check_listener_settings, missing_settings
 
 SERVICE_TIMEOUT_S = 3.0
 
@@ -45,6 +45,17 @@ class Check:
     what: str
     ok: bool
     detail: str
+
+
+def _wrong_setting(settings: Settings, worker: str) -> str:
+    """What ``voicebus up`` would refuse in this worker's settings, or ""."""
+    try:
+        check_listener_settings(settings, [worker])
+    except ConfigError as exc:
+        return str(exc)
+    except ImportError:
+        pass  # the package check says what is missing
+    return ""
 
 
 def _installed(module: str) -> bool:
@@ -144,7 +155,9 @@ def run_checks(settings: Settings, *, llm_probe: GenerationProbe | None = None) 
             ok = _installed(module)
             yield Check(stage, "package", ok, f"{backend}: {module} " + ("installed" if ok else f"missing: pip install '{hint}'"))
         missing = missing_settings(settings, [WORKER_OF[stage]])
-        yield Check(stage, "settings", not missing, f"{backend}: " + (f"missing {', '.join(missing)}" if missing else "complete"))
+        wrong = _wrong_setting(settings, WORKER_OF[stage])
+        yield Check(stage, "settings", not missing and not wrong, f"{backend}: " + (
+            f"missing {', '.join(missing)}" if missing else wrong or "complete"))
         if stage == "asr" and backend in MEASURED:
             yield Check(stage, "about", True, f"{backend}: {MEASURED[backend]}; {CHOOSE}")
         find = _model_check(stage, backend, settings)
