@@ -218,6 +218,11 @@ def new_turn_id() -> int:
     return time.time_ns() // 1_000_000 * 1000 + secrets.randbelow(1000)
 
 
+def first_turn_id_at(ts: float) -> int:
+    """The smallest id ``new_turn_id`` gives at or after ``ts`` (seconds since the epoch)."""
+    return int(ts * 1000) * 1000
+
+
 # --- the engine's own kinds ------------------------------------------------------------------
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from voicebus.engine.client import BusClient
-from voicebus.engine.messages import Interrupt, new_turn_id
+from voicebus.engine.messages import Interrupt, first_turn_id_at, new_turn_id
 from voicebus.workers.kinds import Ask, AsrFinal, LlmResend, PlayDone, PlayStopped
 from voicebus.workers.memory import Conversation
 from voicebus.workers.thinker import Thinker
@@ -130,15 +130,21 @@ def test_a_text_turn_keeps_its_whole_answer_a_voice_turn_what_was_heard(thinker,
     assert answers == {text_turn: "One. Two. Three. Four.", voice_turn: "One."}
 
 
-def test_interrupting_a_queued_turn_ends_it_at_once_and_the_asker_hears_why(thinker, make_client):
+def _queued_behind_a_count(thinker, make_client, model: str, question) -> tuple[BusClient, int, int]:
+    """A thinker counting to twelve for one asker, and ``question`` accepted behind it: (client, running, queued)."""
     client = make_client("test", subscribe=("llm.", "sys.ready"))
-    thinker("count-queue-12")
+    thinker(model)
     ready(client)
     running, queued = new_turn_id(), new_turn_id() + 1
     client.publish(Ask(text="Count to twelve."), turn=running)
-    client.publish(Ask(text="And again."), turn=queued)
+    client.publish(question, turn=queued)
     accepted = wait_for(client, lambda e: e.kind == "llm.accepted" and e.turn == queued, timeout=10)
     assert accepted.body.queued == 1
+    return client, running, queued
+
+
+def test_interrupting_a_queued_turn_ends_it_at_once_and_the_asker_hears_why(thinker, make_client):
+    client, running, queued = _queued_behind_a_count(thinker, make_client, "count-queue-12", Ask(text="And again."))
     client.publish(Interrupt(reason="the user changed their mind"), turn=queued)
     done = wait_for(client, lambda e: e.kind == "llm.done" and e.turn == queued, timeout=5)
     assert done.body.finish_reason == "cancelled" and done.body.reason == "the user changed their mind"
@@ -151,13 +157,8 @@ def test_a_voice_turn_spoken_over_before_its_answer_began_is_not_answered(thinke
     """A stop can reach the thinker while the turn waits in its queue (a restarted thinker resumes turns its
     predecessor left): the turn ends with what was heard, and the model is never asked to answer it."""
     _, script = scripted
-    client = make_client("test", subscribe=("llm.", "sys.ready"))
-    thinker("count-spokenover-12")
-    ready(client)
-    running, spoken_over = new_turn_id(), new_turn_id() + 1
-    client.publish(Ask(text="Count to twelve."), turn=running)
-    client.publish(AsrFinal(text="And what else?"), turn=spoken_over)
-    assert wait_for(client, lambda e: e.kind == "llm.accepted" and e.turn == spoken_over, timeout=10).body.queued == 1
+    client, running, spoken_over = _queued_behind_a_count(thinker, make_client, "count-spokenover-12",
+                                                          AsrFinal(text="And what else?"))
     client.publish(PlayStopped(index=0, reason="barge-in", spoken_ms=0, total_ms=0), turn=spoken_over)
     seen = until_done(client, spoken_over, timeout=5)
     assert seen[-1].body.finish_reason == "cancelled" and seen[-1].body.sentences == 0
@@ -173,7 +174,7 @@ def test_a_new_run_is_a_new_conversation_unless_continued(thinker, make_client, 
     """Found trying voicebus as a new user: after the README's example had run five times, the embedded model
     answered "The capital of France is Paris." to every question, copying the history of earlier runs."""
     _, script = scripted
-    earlier = new_turn_id() - 3_600_000_000  # an hour ago, in turn ids (milliseconds × 1000)
+    earlier = first_turn_id_at(time.time() - 3600)  # an hour ago
     with Conversation(tmp_path / "conversation.sqlite") as memory:
         memory.add_user(earlier, "What is the capital of France?")
         memory.add_assistant(earlier, "The capital of France is Paris.")

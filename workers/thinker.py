@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from voicebus.engine.actor import Actor, handles
 from voicebus.engine.client import BusClient
 from voicebus.engine.errors import BackendError, VoicebusError
-from voicebus.engine.messages import Envelope, Error, Shutdown
+from voicebus.engine.messages import Envelope, Error, Shutdown, first_turn_id_at
 from voicebus.workers import backends
 from voicebus.workers.config import Settings
 from voicebus.workers.kinds import (
@@ -139,8 +139,7 @@ class Thinker(Actor):
         )
         self.log = TurnLog(self.memory)
         if not self.settings.state.continue_conversation:
-            started = self.settings.state.run_started or time.time()
-            self._since_turn = int(started * 1000) * 1000  # turn ids count milliseconds × 1000 (new_turn_id)
+            self._since_turn = first_turn_id_at(self.settings.state.run_started or time.time())
         self._resume_unfinished()
         warm_up = getattr(self.chat, "warm_up", None)
         messages = self._prompt(None)
