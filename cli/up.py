@@ -39,7 +39,8 @@ def parse_only(ctx: click.Context, param: click.Parameter, value: str | None) ->
 @click.option("--input", "input_", metavar="mic|FILE|bus|none",
               help="Audio in: a microphone, a file (WAV, FLAC, OGG/Opus, MP3), the bus (audio.in), or none (default: mic).")
 @click.option("--output", metavar="speaker|PATH.wav|none", help="Audio out (default: speaker).")
-@click.option("--fast", is_flag=True, default=None, help="Read/write audio files as fast as possible, not in real time.")
+@click.option("--fast", is_flag=True, default=None,
+              help="Read/write audio files as fast as possible, not in real time; each question waits for the last answer.")
 @click.option("--asr", metavar="NAME", help="Speech recognition: pocketsphinx | whisper | azure.")
 @click.option("--llm", metavar="NAME", help="Chat model: local | openai | azure.")
 @click.option("--tts", metavar="NAME", help="Voice: piper | azure.")

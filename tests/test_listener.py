@@ -51,7 +51,7 @@ def collect_until(client: BusClient, predicate, timeout: float = 60) -> list:
 
 def test_turns_from_a_file_then_shutdown_when_answered(run_listener, make_client, two_questions):
     client = make_client("test", subscribe=("vad.", "asr.", "audio.end", "ctl."))
-    run_listener(two_questions)
+    run_listener(two_questions, fast=False)  # (with --fast the second question would wait for an answer)
     seen = collect_until(client, lambda e: e.kind == "audio.end")
     turns = [e.turn for e in seen if e.kind == "vad.start"]
     assert len(turns) == 2 and turns[0] < turns[1]
@@ -162,13 +162,42 @@ def test_a_silent_file_ends_the_run_with_a_reason(run_listener, make_client, tmp
     assert shutdown.body.failed and "no speech was heard" in shutdown.body.reason
 
 
-def test_answers_that_never_come_end_the_run_with_a_reason(run_listener, make_client, two_questions):
-    client = make_client("test", subscribe=("ctl.shutdown", "audio.end"))
-    listener = run_listener(two_questions)
+@pytest.mark.parametrize("fast", [False, True], ids=["after-the-input-ended", "fast-waiting-for-an-answer"])
+def test_answers_that_never_come_end_the_run_with_a_reason(run_listener, make_client, two_questions, fast):
+    client = make_client("test", subscribe=("ctl.shutdown", "audio.end", "asr.final"))
+    listener = run_listener(two_questions, fast=fast)
     listener.no_news_s = 2.0
-    wait_for(client, lambda e: e.kind == "audio.end", timeout=60)
-    shutdown = wait_for(client, lambda e: e.kind == "ctl.shutdown", timeout=15)
-    assert shutdown.body.failed and "no answer" in shutdown.body.reason and "thinker" in shutdown.body.reason
+    seen = collect_until(client, lambda e: e.kind == "ctl.shutdown", timeout=60)
+    shutdown = seen[-1].body
+    assert shutdown.failed and "no answer" in shutdown.reason and "thinker" in shutdown.reason
+    # Read in real time, the file ends first; read fast, the first question waits for its answer.
+    assert any(e.kind == "audio.end" for e in seen) is not fast
+    assert len({e.turn for e in seen if e.kind == "asr.final"}) == (1 if fast else 2)
+
+
+def test_fast_reads_the_next_question_once_the_last_turn_is_over(run_listener, make_client, two_questions):
+    """Read faster than real time, the second question began while the first was being answered: the user
+    spoke over it, and of a file of questions only the last got an answer (voicebus up --fast)."""
+    client = make_client("test", subscribe=("vad.start", "asr.final", "ctl.", "audio.end"))
+    run_listener(two_questions)
+    first = wait_for(client, lambda e: e.kind == "asr.final", timeout=60)
+    client.publish(LlmAccepted(), turn=first.turn)
+    early = []
+    deadline = time.monotonic() + 2  # the rest of the file takes a few ms to read at this speed
+    while time.monotonic() < deadline:
+        env = client.recv(timeout=0.2)
+        if env is not None:
+            early.append(env)
+    assert not [e for e in early if e.kind in ("vad.start", "ctl.interrupt", "audio.end")], [e.kind for e in early]
+    client.publish(LlmDone(finish_reason="stop", sentences=1), turn=first.turn)
+    client.publish(TurnMetrics(timings={}, outcome="done"), turn=first.turn)  # played: the turn is over
+    seen = collect_until(client, lambda e: e.kind == "asr.final" and e.turn != first.turn, timeout=30)
+    assert [e.kind for e in seen if e.kind in ("vad.start", "ctl.interrupt")] == ["vad.start"]
+    assert "joke" in seen[-1].body.text.lower()
+    client.publish(LlmDone(finish_reason="stop", sentences=1), turn=seen[-1].turn)
+    client.publish(TurnMetrics(timings={}, outcome="done"), turn=seen[-1].turn)
+    shutdown = wait_for(client, lambda e: e.kind == "ctl.shutdown", timeout=30)
+    assert shutdown.body.reason == "input ended" and not shutdown.body.failed
 
 
 def test_a_restarted_listener_resumes_the_file_and_offers_what_was_pending(run_actor, make_client, two_questions):
@@ -190,7 +219,7 @@ def test_a_restarted_listener_resumes_the_file_and_offers_what_was_pending(run_a
 def _spoken_over(run_listener, make_client, two_questions):
     """Run the two questions (the second starts while the first is unanswered: it is spoken over)."""
     client = make_client("test", subscribe=("asr.final", "ctl.interrupt", "ctl.shutdown", "audio.end"))
-    run_listener(two_questions)
+    run_listener(two_questions, fast=False)
     seen = collect_until(client, lambda e: e.kind == "audio.end")
     first, second = list(dict.fromkeys(e.turn for e in seen if e.kind == "asr.final"))
     assert any(e.kind == "ctl.interrupt" and e.turn == first for e in seen)

@@ -103,18 +103,23 @@ def collect(client: BusClient, until, timeout: float) -> list:
 
 
 def test_files_in_files_out(tmp_path, launcher, voice, recognizer):
-    question = speech_wav(voice, tmp_path / "question.wav", [0.5, "What is the capital of France?", 1.5])
+    """Two questions 1.5 s apart, read with --fast: each is answered (the second once the first's answer
+    was played; faster than real time, it used to speak over the first, and only the last was answered)."""
+    question = speech_wav(voice, tmp_path / "question.wav",
+                          [0.5, "What is the capital of France?", 1.5, "How many legs does a spider have?", 1.5])
     answer = tmp_path / "answer.wav"
     up, _ = start(launcher, "--input", str(question), "--output", str(answer), "--fast")
     code, out = up.wait(timeout=120), up.stdout()
     assert code == 0, f"{out}\n{up.stderr()}"
     heard = [line[len("You: "):] for line in out.splitlines() if line.startswith("You: ")]
     label = "Assistant: "  # an answer's first clause may be a line of its own, the rest under it
+    answers = out.split("You: ")[1:]
     said = " ".join(line[len(label):] for line in out.splitlines()
                     if line.startswith(label) or line.startswith(" " * len(label)))
-    assert len(heard) == 1 and overlap("what is the capital of france", heard[0]) >= 0.8, out
-    assert said, out
-    assert "speech end → first audio" in out
+    assert len(heard) == 2 and overlap("what is the capital of france", heard[0]) >= 0.8, out
+    assert overlap("how many legs does a spider have", heard[1]) >= 0.5, out
+    assert len(answers) == 2 and all(label in answer for answer in answers), out
+    assert out.count("speech end → first audio") == 2, out
     pcm, _ = read_wav(answer)
     samples = np.frombuffer(pcm, dtype=np.int16).astype(np.float64)
     assert len(samples) / 16000 > 0.5, "the reply is too short to hold speech"

@@ -80,6 +80,10 @@ class Listener(Actor):
         self._stopped: set[int] = set()
         """pending turns the speaker has ended (metrics.turn, play.stopped)"""
         self._eof_at: float | None = None
+        self._one_turn_at_a_time = False
+        """a file read --fast: its next utterance waits until the last turn is over"""
+        self._paused_at: float | None = None
+        """--fast: when reading stopped to wait for the last turn's answer (``_wait_for_the_answer``)"""
         self._last_turn = 0
         self._thread: threading.Thread | None = None
         self._progress_file: ProgressFile | None = None
@@ -103,6 +107,8 @@ class Listener(Actor):
         spec = audio.input.strip().lower()
         is_file = spec not in ("mic", "none", "bus") and not spec.startswith("mic:")
         self._base_ms = self._progress.resume_ms if is_file else 0
+        # A live source cannot wait for an answer: it would drop what it hears meanwhile.
+        self._one_turn_at_a_time = audio.fast and is_file
         self.source = open_source(audio.input, realtime=not audio.fast, start_ms=self._base_ms)
         if self.source is None:
             return  # text only: utterances arrive as ctl.ask, straight to the thinker
@@ -219,9 +225,12 @@ class Listener(Actor):
                 spoken_over = turn in self._barged and turn in self._answered
             # A spoken-over turn the thinker has ended waits only for the speaker to say it stopped.
             self.bus.publish(Interrupt(reason=BARGE_IN) if spoken_over else body, turn=turn)
-        if self._eof_at is None:
+        waiting_since = self._eof_at if self._eof_at is not None else self._paused_at
+        if waiting_since is None:
             return
         if not len(self.redelivery):
+            if self._eof_at is None:
+                return  # paused (--fast): reading goes on by itself
             if not self._progress.heard_any:
                 what = "no speech was heard" if not self._progress.utterances else (
                     f"nothing could be recognized in the {self._progress.utterances} utterance(s) heard")
@@ -230,7 +239,7 @@ class Listener(Actor):
                 self._eof_at = None
                 self._done()
                 self.bus.publish(Shutdown(reason="input ended"))
-        elif self.redelivery.quiet_for(now) > self.no_news_s and now - self._eof_at > self.no_news_s:
+        elif self.redelivery.quiet_for(now) > self.no_news_s and now - waiting_since > self.no_news_s:
             turns = ", ".join(str(t) for t in self.redelivery.pending())
             self._give_up(f"no answer to turn(s) {turns} for {self.no_news_s:.0f} s: "
                           f"is a thinker running on {self.settings.bus.url}?")
@@ -255,6 +264,8 @@ class Listener(Actor):
         publish_audio = self.settings.audio.publish_audio and not is_bus_input(self.settings.audio.input)
         try:
             for frame in self.source:
+                if self._one_turn_at_a_time and not self.hearing.in_speech:
+                    self._wait_for_the_answer()
                 if self.stopping:
                     return
                 if publish_audio:
@@ -274,6 +285,24 @@ class Listener(Actor):
         self.bus.publish(AudioEnd(last_turn=self._last_turn, reason="end of input"))
         with self._lock:
             self._eof_at = time.monotonic()
+
+    def _wait_for_the_answer(self) -> None:
+        """--fast: the file's next words wait until the last turn is over, as a person waits for an answer.
+
+        Read faster than real time, the next question would start while the last one is still being
+        transcribed or answered, which is the user speaking over it (barge-in): of a file of questions,
+        only the last got an answer. Speaking over an answer needs real time.
+        """
+        if not self._turn_open():
+            return
+        self._paused_at = time.monotonic()
+        while self._turn_open() and not self.stopping:
+            time.sleep(0.02)
+        self._paused_at = None
+
+    def _turn_open(self) -> bool:
+        """Whether an utterance is being transcribed, or one is waiting for its answer to be over."""
+        return bool(self._turns) or len(self.redelivery) > 0
 
     # --- what the front end heard (audio or decode thread) -----------------------------------
 
@@ -335,7 +364,6 @@ class Listener(Actor):
     def _recognized(self, event: Final | NoMatch, turn: int) -> None:
         now = time.time()
         ended, vad_end, speech_end = self._ended.pop(event.utterance, (None, now, now))
-        self._turns.pop(event.utterance, None)
         guess_rev, guess_text = self._guesses.pop(event.utterance, (0, ""))
         # A guess is confirmed only by a final of exactly its words; anything else makes it void.
         confirms = guess_rev if isinstance(event, Final) and event.text == guess_text else 0
@@ -346,6 +374,7 @@ class Listener(Actor):
         if isinstance(event, NoMatch):
             if event.error is not None:  # a failing recognizer (a cloud service down) is said, not just counted
                 self.bus.report("listener.asr", event.error)
+            self._turns.pop(event.utterance, None)
             self._cut_short.discard(turn)
             if guess_rev:
                 self.bus.publish(AsrRevoke(rev=guess_rev, reason="nothing recognized"), turn=turn)
@@ -356,6 +385,7 @@ class Listener(Actor):
         body = AsrFinal(text=event.text, confidence=event.confidence, timings=timings, guess=confirms)
         self._progress.heard_any = True
         self.redelivery.sent(turn, body, time.monotonic())
+        self._turns.pop(event.utterance, None)  # (after: the turn is open throughout, see _turn_open)
         self._save_progress()  # before it is sent: a restart offers it again rather than losing it
         self.bus.publish(body, turn=turn)
         if turn in self._cut_short:  # the user spoke again while this was being transcribed
