@@ -70,6 +70,7 @@ class Actor:
         self.started = time.monotonic()
         self._stop = threading.Event()
         self._stop_reason = ""
+        self._failed = False
         self._loop_tick = time.monotonic()
         self._parent = os.getppid()
 
@@ -95,6 +96,14 @@ class Actor:
             self._stop_reason = reason
             self._stop.set()
 
+    def fail(self, exc: VoicebusError) -> None:
+        """A thread of the worker met an error it cannot go on from (an output that cannot be written):
+        said as a failure to start is (one line, ``sys.error``), and the worker exits with EXIT_FAILED,
+        so that its supervisor replaces it."""
+        self._fail(exc, f"{type(exc).__name__}: {exc}")
+        self._failed = True
+        self.stop(f"{type(exc).__name__}: {exc}")
+
     @property
     def stopping(self) -> bool:
         return self._stop.is_set()
@@ -114,6 +123,8 @@ class Actor:
             self.state = "ready"
             self.bus.publish(Ready(name=self.name, pid=os.getpid(), load_s=round(time.monotonic() - t0, 3)))
             self._loop()
+            if self._failed:
+                code = EXIT_FAILED
         except VoicebusError as exc:
             self._fail(exc, f"{type(exc).__name__}: {exc}")
             code = EXIT_FAILED

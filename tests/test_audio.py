@@ -525,6 +525,27 @@ def test_wav_sink_file_survives_the_process_being_killed(tmp_path):
         assert w.readframes(w.getnframes()) == b"".join(bytes([i, 0]) * 320 for i in range(10))
 
 
+def test_wav_sink_appends_to_its_own_kind_of_file_and_starts_afresh_on_any_other(tmp_path):
+    """A speaker restarted mid-run goes on after its predecessor's answers (append), not over them."""
+    path = tmp_path / "run.wav"
+    with WavSink(path, 16000, realtime=False) as sink:
+        sink.write(b"\x01\x00" * 320)
+    with WavSink(path, 16000, realtime=False, append=True) as sink:
+        assert sink.duration_s == pytest.approx(0.02)
+        sink.write(b"\x02\x00" * 160)
+    with wave.open(str(path)) as w:
+        assert w.readframes(w.getnframes()) == b"\x01\x00" * 320 + b"\x02\x00" * 160
+    # Another rate, or something that is no WAV of ours: the file is started afresh.
+    for other in (lambda: write_wav(path, b"\x05\x00" * 100, 22050), lambda: path.write_bytes(b"not a wav")):
+        other()
+        with WavSink(path, 16000, realtime=False, append=True) as sink:
+            sink.write(b"\x03\x00" * 10)
+        with wave.open(str(path)) as w:
+            assert (w.getframerate(), w.readframes(w.getnframes())) == (16000, b"\x03\x00" * 10)
+    with WavSink(tmp_path / "new.wav", 16000, realtime=False, append=True) as sink:  # nothing to append to
+        assert sink.duration_s == 0
+
+
 def test_unwritable_wav_sink_raises_audio_error(tmp_path):
     path = tmp_path / "no-such-dir" / "out.wav"
     with pytest.raises(AudioError) as info:

@@ -5,7 +5,10 @@ from __future__ import annotations
 import os
 import time
 
+import numpy as np
+import psutil
 import pytest
+import soundfile
 
 from voicebus.engine.client import BusClient
 from voicebus.engine.messages import Interrupt, new_turn_id
@@ -430,3 +433,42 @@ def test_held_audio_keeps_its_order_when_playback_has_no_room_at_the_confirmatio
     speaker._chunks_of(turn, guess, play=True)
     assert [speaker._chunks.get_nowait() for _ in range(3)] == [held[1], held[2], later]
     assert not speaker._hold(turn, guess, Chunk(turn, 1, "It is big.", None))  # now: straight on
+
+
+def _answer(client: BusClient, *sentences: str) -> int:
+    turn = new_turn_id()
+    for index, text in enumerate(sentences):
+        client.publish(LlmSentence(text=text, index=index), turn=turn)
+    client.publish(LlmDone(finish_reason="stop", sentences=len(sentences)), turn=turn)
+    return turn
+
+
+def test_an_output_that_fails_mid_answer_is_one_line_and_the_next_speaker_goes_on_after_it(
+        bus, launcher, make_client, tmp_path):
+    """A full disk mid-run: the playback thread died with a traceback, the worker kept its heartbeat and
+    the run hung; and a restarted speaker truncated the file, losing the answers written before."""
+    out = tmp_path / "out.wav"
+    client = make_client("test", subscribe=("sys.", "metrics.turn"))
+    up = launcher.up("--only", "speaker", "--join-bus", "--bus", bus.endpoints.url, "--insecure",
+                     "--input", "none", "--output", str(out), "--fast", label="speaker")
+    first = wait_for(client, lambda e: e.kind == "sys.ready" and e.body.name == "speaker", timeout=90).body.pid
+    turn = _answer(client, "Here is the first answer.")
+    wait_for(client, lambda e: e.kind == "metrics.turn" and e.turn == turn, timeout=30)
+    kept = soundfile.info(str(out)).frames
+    assert kept > 0
+    # The file may grow by ~0.2 s more: the next answer's audio fills the disk, as it were, mid-sentence.
+    psutil.Process(first).rlimit(psutil.RLIMIT_FSIZE, (out.stat().st_size + 10_000,) * 2)
+    _answer(client, LONG, LONG)
+    error = wait_for(client, lambda e: e.kind == "sys.error" and e.body.where == "speaker", timeout=30).body
+    assert "cannot write WAV (File too large)" in error.message and str(out) in error.message
+    second = wait_for(client, lambda e: e.kind == "sys.ready" and e.body.name == "speaker", timeout=90).body.pid
+    assert second != first
+    assert soundfile.info(str(out)).frames >= kept, "the restarted speaker kept what was written"
+    before = soundfile.info(str(out)).frames
+    turn = _answer(client, "And here is the next one.")
+    wait_for(client, lambda e: e.kind == "metrics.turn" and e.turn == turn, timeout=30)
+    after = soundfile.read(str(out), dtype="int16")[0]
+    assert len(after) > before and np.abs(after[before:].astype(np.int32)).max() > 1000  # appended, audible
+    err = up.stderr()
+    assert "speaker: AudioError: " in err and "Traceback" not in err, err
+    assert "speaker exit code 2; restarting" in err + up.stdout()

@@ -43,10 +43,11 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from voicebus.engine.actor import Actor, handles
 from voicebus.engine.client import BusClient
-from voicebus.engine.errors import ConfigError, ProtocolError
+from voicebus.engine.errors import AudioError, ConfigError, ProtocolError
 from voicebus.engine.messages import Envelope
 from voicebus.workers import backends
 from voicebus.workers.audio import open_sink
@@ -78,6 +79,8 @@ GAP_WAIT_S = 0.3
 RESEND_EVERY_S = 2.0
 STOP_OFFERED_S = 60.0
 """How long a stop is said again while no thinker acknowledges it (one may be restarting meanwhile)."""
+OUTPUT_RECORD_S = 7 * 24 * 3600.0
+"""How long the record that a run's output was opened is kept (a new ``voicebus up`` has another)."""
 RELEASE = -1
 """Synthesis-queue marker: the guess was confirmed, its held audio goes to playback (when playback's queue
 had no room for it at the confirmation; else it went at once)."""
@@ -198,8 +201,15 @@ class Speaker(Actor):
         print(f"speaker: loading the {self.settings.tts.backend} voice…", file=sys.stderr, flush=True)
         self.synth = backends.open_synthesizer(self.settings)
         audio = self.settings.audio
-        self.sink = open_sink(audio.output, self.synth.sample_rate, realtime=not audio.fast)
-        self._unheard_file = self._unheard_record(audio.output)
+        runs = self._runs_folder()
+        key = run_key(audio.output)
+        # A speaker restarted mid-run goes on after the answers its predecessor wrote to a file.
+        opened = RunFile(runs / f"output-{key}.json") if runs is not None else None
+        append = opened is not None and bool(opened.load())
+        self.sink = open_sink(audio.output, self.synth.sample_rate, realtime=not audio.fast, append=append)
+        if opened is not None:
+            opened.save({"output": audio.output, "opened": time.time()})
+        self._unheard_file = RunFile(runs / f"speaker-{key}.json") if runs is not None else None
         self._resume_unheard()
         self._threads = [
             threading.Thread(target=self._synthesize_loop, name="speaker-synth", daemon=True),
@@ -208,16 +218,18 @@ class Speaker(Actor):
         for thread in self._threads:
             thread.start()
 
-    def _unheard_record(self, output: str) -> RunFile | None:
-        """This run's record of unacknowledged stops, or None where the state folder is unusable: a speaker
-        needs none to speak, its stops then just do not outlive it."""
+    def _runs_folder(self) -> Path | None:
+        """Where this run's records go (unacknowledged stops, an output file opened), or None where the
+        state folder is unusable: a speaker needs none to speak, what it did then just does not outlive it."""
         try:
             runs = backends.state_dir(self.settings) / "runs"
         except ConfigError as exc:
-            print(f"speaker: a restart will forget unacknowledged stops: {exc}", file=sys.stderr, flush=True)
+            print(f"speaker: a restart will forget unacknowledged stops and start the output afresh: {exc}",
+                  file=sys.stderr, flush=True)
             return None
         sweep(runs, "speaker-", STOP_OFFERED_S)  # runs that ended with a stop unacknowledged
-        return RunFile(runs / f"speaker-{run_key(output)}.json")
+        sweep(runs, "output-", OUTPUT_RECORD_S)
+        return runs
 
     def _resume_unheard(self) -> None:
         """Say again the stops a previous speaker of this run made and no thinker acknowledged (recent ones)."""
@@ -602,7 +614,11 @@ class Speaker(Actor):
                     self._playback_stopped(chunk, played_bytes, received_bytes)
                     break
                 pcm = chunk.pcm[start : start + block]
-                self.sink.write(pcm)
+                try:
+                    self.sink.write(pcm)
+                except AudioError as exc:  # a full disk, a device unplugged: a new speaker reopens it
+                    self.fail(exc)
+                    return
                 if publish_audio:
                     self.bus.publish(AudioOut(pcm=pcm, rate=rate, index=chunk.index), turn=chunk.turn)
                 played_bytes += len(pcm)

@@ -127,11 +127,12 @@ def open_source(spec: str, *, realtime: bool, start_ms: int = 0) -> AudioSource 
     raise ConfigError(f"unknown audio input {spec!r}; use {SOURCE_FORMS}")
 
 
-def open_sink(spec: str, rate: int, *, realtime: bool) -> AudioSink:
+def open_sink(spec: str, rate: int, *, realtime: bool, append: bool = False) -> AudioSink:
     """Open the audio output named by ``spec`` (see ``SINK_FORMS``) for PCM at ``rate``.
 
     'none' discards (paced when ``realtime``); a .wav path collects every reply
-    of the run in one file. Raises ConfigError for an unknown spec, AudioError
+    of the run in one file (``append``: after what the file holds, for a speaker
+    restarted mid-run). Raises ConfigError for an unknown spec, AudioError
     for a file or device that fails.
     """
     spec = spec.strip()
@@ -141,5 +142,5 @@ def open_sink(spec: str, rate: int, *, realtime: bool) -> AudioSink:
     if is_speaker:
         return DeviceSink(rate, device)
     if spec.lower().endswith(".wav"):
-        return WavSink(spec, rate, realtime=realtime)
+        return WavSink(spec, rate, realtime=realtime, append=append)
     raise ConfigError(f"unknown audio output {spec!r}; use {SINK_FORMS}")

@@ -13,6 +13,8 @@ import os
 from pathlib import Path
 from typing import Any, BinaryIO
 
+import soundfile
+
 from voicebus.engine.errors import AudioError
 
 from .device import DeviceChoice, choose_device, import_sounddevice, open_failed
@@ -54,18 +56,31 @@ class WavSink(Closing):
     little). ``realtime=True`` paces writes like a device that plays them.
     """
 
-    def __init__(self, path: str | os.PathLike[str], rate: int, *, realtime: bool = True) -> None:
-        """Create (or truncate) ``path``; AudioError if it cannot be written."""
+    def __init__(self, path: str | os.PathLike[str], rate: int, *, realtime: bool = True,
+                 append: bool = False) -> None:
+        """Create (or truncate) ``path``; AudioError if it cannot be written. ``append``: go on after the
+        audio a WAV file already at ``path`` holds, if it is one this sink could have written (a
+        speaker restarted mid-run keeps the answers its predecessor wrote)."""
         self.path = Path(path)
         self.rate = rate
         self._pacer = Pacer(catch_up=False) if realtime else None
-        self._data_bytes = 0
+        self._data_bytes = self._written_before() if append else 0
         try:
-            self._file: BinaryIO | None = open(self.path, "wb")  # noqa: SIM115 - closed by close()
-            self._file.write(wav_header(rate, 0))
+            self._file: BinaryIO | None = open(self.path, "r+b" if self._data_bytes else "wb")  # noqa: SIM115
+            self._file.write(wav_header(rate, self._data_bytes))
             self._file.flush()
         except OSError as exc:
             raise AudioError(f"{self.path}: cannot write WAV ({exc.strerror or exc})") from None
+
+    def _written_before(self) -> int:
+        """Bytes of audio in the mono int16 WAV at ``path`` at this rate; 0 if there is none such."""
+        try:
+            info = soundfile.info(str(self.path))
+        except (OSError, RuntimeError, soundfile.LibsndfileError):
+            return 0
+        if (info.format, info.subtype, info.channels, info.samplerate) != ("WAV", "PCM_16", 1, self.rate):
+            return 0
+        return info.frames * SAMPLE_WIDTH
 
     @property
     def duration_s(self) -> float:
@@ -94,8 +109,11 @@ class WavSink(Closing):
     def close(self) -> None:
         """Close the file (its header is already up to date)."""
         if self._file is not None:
-            self._file.close()
-            self._file = None
+            file, self._file = self._file, None
+            try:
+                file.close()
+            except OSError:
+                pass  # what a failed write left in the buffer (that write raised already, and said why)
 
 
 class DeviceSink(Closing):
