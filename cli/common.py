@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,6 +29,11 @@ class VoicebusGroup(click.Group):
             return super().invoke(ctx)
         except VoicebusError as exc:
             click.echo(f"{type(exc).__name__}: {exc}", err=True)
+            ctx.exit(1)
+        except BrokenPipeError:
+            # The reader went away (`voicebus show FILE | head`): nothing to say. Python's own advice:
+            # point stdout at devnull, or flushing it on the way out raises again.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             ctx.exit(1)
         except ConnectionError as exc:
             click.echo(f"ConnectionError: {exc}", err=True)

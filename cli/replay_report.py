@@ -53,6 +53,20 @@ def same_text(a: str, b: str, how: str) -> bool:
     return difflib.SequenceMatcher(a=words(a), b=words(b)).ratio() >= 0.8
 
 
+def parting(a: str, b: str, context: int = 2, shown: int = 8) -> str:
+    """Where two texts part, word by word: the table's cells, cut to a column, often show the same start."""
+    wa, wb = a.split(), b.split()
+    same = next((i for i, (x, y) in enumerate(zip(wa, wb)) if words(x) != words(y)), min(len(wa), len(wb)))
+    start = max(0, same - context)
+
+    def part(ws: list[str]) -> str:
+        text = " ".join(ws[start : start + shown]) or "(nothing more)"
+        return ("…" if start else "") + text + ("…" if len(ws) > start + shown else "")
+
+    where = f"from word {same + 1}: " if same else ""
+    return f"{where}{part(wa)!r} then, {part(wb)!r} now"
+
+
 @dataclass
 class Comparison:
     """One turn, then and now."""
@@ -116,7 +130,8 @@ def compare(c: Comparison, tol: Tolerances) -> Comparison:
         # A recording that stopped mid-turn (a recorder killed): what it does not show is not judged.
         c.notes.append("the recording ends before this turn did: only what it shows is compared")
     elif not same_text(then.answer, now.answer, tol.answer_match):
-        (c.differences if tol.timing or then.finish == now.finish else c.notes).append("answer differs")
+        (c.differences if tol.timing or then.finish == now.finish else c.notes).append(
+            f"answer differs: {parting(then.answer, now.answer)}")
     if now.errors and not then.errors:  # a failure is a difference however the turns were timed
         c.differences.append(f"failed now: {now.errors[0]}")
     if then.finish and (then.finish, then.outcome or now.outcome) != (now.finish, now.outcome):

@@ -314,6 +314,18 @@ def test_show_prints_messages_like_tap_and_each_turns_waterfall():
     assert "· text · heard 'What is two plus two?'" in only.stdout and "after the request" in only.stdout
 
 
+@pytest.mark.parametrize("args", [[], ["--json"]], ids=["text", "json"])
+def test_show_into_a_reader_that_stops_early_says_nothing(args):
+    """`voicebus show FILE | head`: "ConnectionError: [Errno 32] Broken pipe", or a silent exit 1."""
+    proc = subprocess.Popen([*VOICEBUS, "show", str(VOICE), "--no-color", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    assert proc.stdout.readline()
+    proc.stdout.close()  # as head does once it has its lines
+    err = proc.stderr.read().decode()
+    proc.wait(timeout=30)
+    assert "Broken pipe" not in err and "Traceback" not in err and "Exception ignored" not in err, err
+
+
 def test_show_json_lines_carry_the_recording_time(tmp_path):
     import json
 

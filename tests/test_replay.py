@@ -59,6 +59,18 @@ def test_a_turn_within_tolerance_has_no_differences():
     assert {row["stage"]: row["ratio"] for row in c.latencies} == {"asr": 1.8, "first audio": 1.167}
 
 
+def test_an_answer_that_differs_shows_where_it_parts():
+    """The table cuts both answers to a column: two long answers with the same start looked the same."""
+    then = story(1, answer="The capital of France is Paris, a city of about two million people on the Seine.")
+    now = story(2, answer="The capital of France is Paris, a city of about two thousand people on the Seine.")
+    c = compare(Comparison("voice", then, now), Tolerances(answer_match="exact"))
+    assert c.differences == ["answer differs: from word 12: '…about two million people on the Seine.' then, "
+                             "'…about two thousand people on the Seine.' now"]
+    c = compare(Comparison("voice", then, story(3, answer="The capital of France")), Tolerances())
+    assert c.differences[0].endswith("from word 5: '…of France is Paris, a city of about…' then, "
+                                     "'…of France' now")
+
+
 @pytest.mark.parametrize("now, tolerances, expected", [
     (story(2, heard="what time was it"), Tolerances(), "heard differs"),
     (story(2, heard="what time was it"), Tolerances(text_match="ignore"), None),
