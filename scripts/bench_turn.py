@@ -91,6 +91,8 @@ CONFIGS = {
     "whole-sentences": {"VOICEBUS_LLM_FIRST_CLAUSE_WORDS": "0"},
     # the turn ends on the words' window alone, not held open until the guess's answer is ready (vad.hold_ms)
     "no-hold": {"VOICEBUS_VAD_HOLD_MS": "0"},
+    # complete-reading words are not weighed by the chat model (vad.message_end): what it costs and saves
+    "no-message-end": {"VOICEBUS_VAD_MESSAGE_END": "false"},
 }
 
 WORKER_ROLES = ("listener", "thinker", "speaker")

@@ -51,6 +51,7 @@ import sys
 import time
 import zlib
 from collections.abc import Callable, Iterable, Sequence
+from typing import TypeVar
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -350,6 +351,7 @@ class Ear:
         self.settings = settings
         self.backend = settings.asr.backend
         self.recognizer = backends.open_recognizer(settings)
+        self.message_end = backends.open_message_end(settings)
 
     def hear(self, pcm: bytes, *, realtime: bool) -> ClipHeard:
         """Feed one clip of 16 kHz mono int16 ``pcm``; ``realtime`` delivers a frame every 20 ms."""
@@ -375,7 +377,8 @@ class Ear:
                                        starts.get(event.utterance, 0), end_ms, vad_end_t, now, forced_end=input_over))
 
         hearing = Hearing(_Timed(self.recognizer, out), endpointer_for(vad), heard,
-                          end_of_turn=EndOfTurn.from_settings(vad))
+                          end_of_turn=EndOfTurn.from_settings(vad),
+                          message_end=self.message_end.logprob if self.message_end is not None else None)
         frame_bytes = FRAME * 2
         padded = pcm + bytes(-len(pcm) % frame_bytes)
         t0 = time.monotonic()
@@ -403,6 +406,8 @@ class Ear:
 
     def close(self) -> None:
         self.recognizer.close()
+        if self.message_end is not None:
+            self.message_end.close()
 
 
 class _Timed:
@@ -879,26 +884,33 @@ def run(args: argparse.Namespace) -> dict[str, object]:
             "backends": figures}
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
+T = TypeVar("T")
+
+
+def said_in_one_line(name: str, work: Callable[[], T]) -> T | int:
+    """``work()``, or the exit code after one line on stderr for what a user can meet: Ctrl-C (130), and
+    (1) a missing tool or voice, a file that cannot be written, a voicebus error (it says what to do)."""
+    from voicebus.engine.errors import VoicebusError
+
     try:
-        report = run(args)
+        return work()
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
     except EvalError as exc:
-        print(f"eval_asr: {exc}", file=sys.stderr)
-        return 1
-    except OSError as exc:  # the cache or --details path cannot be written
-        print(f"eval_asr: {exc.filename or ''}: {exc.strerror or exc}", file=sys.stderr)
-        return 1
-    except Exception as exc:  # one line for the user; a voicebus error already says what to do
-        from voicebus.engine.errors import VoicebusError
+        print(f"{name}: {exc}", file=sys.stderr)
+    except OSError as exc:  # a cache or output path cannot be written
+        print(f"{name}: {exc.filename or ''}: {exc.strerror or exc}", file=sys.stderr)
+    except VoicebusError as exc:
+        print(f"{name}: {type(exc).__name__}: {exc}", file=sys.stderr)
+    return 1
 
-        if not isinstance(exc, VoicebusError):
-            raise
-        print(f"eval_asr: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 1
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    report = said_in_one_line("eval_asr", lambda: run(args))
+    if isinstance(report, int):
+        return report
     print_table(report["backends"])  # type: ignore[arg-type]
     print(json.dumps(report, default=lambda x: None if isinstance(x, float) and math.isnan(x) else str(x)))
     return 0

@@ -27,6 +27,15 @@ pytestmark = pytest.mark.slow  # piper synthesis
 
 
 @pytest.fixture(scope="module")
+def message_end():
+    from voicebus.workers.llm.message_end import MessageEnd
+
+    model = MessageEnd()
+    yield model
+    model.close()
+
+
+@pytest.fixture(scope="module")
 def say():
     voice = steady_piper()
     resampler = Resampler(voice.sample_rate, RATE)
@@ -59,7 +68,7 @@ class Scripted:
 
 
 def run(recognizer, pcm: bytes, *, realtime: bool = True, hold_ms: int = 0, answered=None,
-        ready_after_s: float | None = None, **end_of_turn) -> list[tuple[float, object]]:
+        ready_after_s: float | None = None, message_end=None, **end_of_turn) -> list[tuple[float, object]]:
     """Feed ``pcm`` frame by frame (at real time: decoding overlaps the audio); (seconds, event) pairs.
 
     With ``ready_after_s``, the answer to each guess is ready that long after the guess (as the speaker's
@@ -74,7 +83,7 @@ def run(recognizer, pcm: bytes, *, realtime: bool = True, hold_ms: int = 0, answ
 
     hearing = Hearing(recognizer, Endpointer(silence_ms=end_of_turn.get("base_ms", 500)), emit,
                       end_of_turn=EndOfTurn(**end_of_turn) if end_of_turn else None, hold_ms=hold_ms,
-                      answered=answered)
+                      answered=answered, message_end=message_end)
     for i in range(0, len(pcm) - FRAME_BYTES + 1, FRAME_BYTES):
         hearing.feed(pcm[i : i + FRAME_BYTES])
         if realtime:
@@ -148,6 +157,13 @@ def test_an_answer_ready_at_once_ends_the_turn_at_the_words_window(say):
               for name, events, end in (("held", held, held_end), ("plain", plain, plain_end))}
     assert waited["held"] < waited["plain"] + 0.1, waited  # the hold never adds to the words' own window
     assert waited["held"] >= 0.3 - 0.05 and not held_end.held_in_vain
+    # Ready before the chat model had weighed the words (the guess goes out first): not held for either.
+    slow_judge = lambda text: time.sleep(0.3) or -5.0  # noqa: E731
+    held = run(Scripted(["What is the capital of France?"]), pcm, hold_ms=1400, ready_after_s=0.0,
+               message_end=slow_judge)
+    [held_end] = of(held, Ended)
+    waited_for_the_model = {type(e): t for t, e in held}[Ended] - held_end.offset_ms / 1000
+    assert waited_for_the_model < waited["plain"] + 0.4 and not held_end.held_in_vain, waited_for_the_model
 
 
 def test_an_answer_that_never_comes_is_waited_for_up_to_hold_ms(say):
@@ -184,6 +200,41 @@ def test_words_that_end_mid_phrase_lengthen_the_window(say):
     adaptive = run(Scripted(["What is the capital of", "What is the capital of Peru?"]), pcm, base_ms=500)
     assert len(of(fixed, Ended)) == 2  # a fixed 500 ms window cuts the person off
     assert len(of(adaptive, Ended)) == 1 and of(adaptive, Final)[0].text == "What is the capital of Peru?"
+
+
+def test_words_a_message_seldom_ends_with_get_the_long_window(say, message_end):
+    """whisper reads a cut-off "What is the capital of" as "What is the capital?", confidently: the words'
+    rules call it complete, the chat model finds a message seldom ends there."""
+    pcm = silence(500) + say("What is the capital of") + silence(1000) + say("Peru?") + silence(1500)
+    asked = []
+
+    def judge(text: str) -> float:
+        asked.append(text)
+        return message_end.logprob(text)
+
+    words = ["What is the capital?", "What is the capital of Peru?"]
+    alone = run(Scripted(words), pcm, base_ms=500)
+    weighed = run(Scripted(words), pcm, base_ms=500, message_end=judge)
+    assert len(of(alone, Ended)) == 2  # cut off
+    assert len(of(weighed, Ended)) == 1 and of(weighed, Final)[0].text == "What is the capital of Peru?"
+    assert asked == ["What is the capital?", "What is the capital of Peru?"]
+    assert [g.text for g in of(weighed, Guess)] == words  # the guess went out all the same
+    # A whole question keeps the short window.
+    [ended] = of(run(Scripted(["What is the capital of France?"]), silence(500) + say("What is the capital of France?")
+                     + silence(1500), message_end=judge), Ended)
+    assert ended.silence_ms == 300
+
+
+def test_a_failing_chat_model_costs_the_check_not_the_transcripts(say, capfd):
+    def broken(text: str) -> float:
+        raise RuntimeError("llama_decode returned -1")
+
+    question = silence(500) + say("What is the capital of France?") + silence(1500)
+    events = run(Scripted(["What is the capital of France?"] * 2), question + question, message_end=broken)
+    assert [f.text for f in of(events, Final)] == ["What is the capital of France?"] * 2
+    assert [e.silence_ms for e in of(events, Ended)] == [300, 300]  # the words alone decided
+    err = capfd.readouterr().err
+    assert err.count("the chat model failed, the words alone decide") == 1 and "llama_decode returned -1" in err
 
 
 def test_the_end_of_speech_is_where_the_silence_began_however_long_the_wait(say):
@@ -243,5 +294,12 @@ def test_completeness_of_what_was_said():
     assert EndOfTurn(adaptive=False).window_ms("Where is the") == 500
     assert windows.window_ms("Where is Peru?", 0.9) == 300 and windows.window_ms("Where is Peru?", 0.5) == 500
     assert windows.window_ms("Where is the", 0.2) == 1400  # doubt never shortens a window
+    # The chat model's view (the log-probability that a message ends there) weighs words that read complete.
+    assert windows.window_ms("Where is Peru?", 0.9, end_logprob=-25.0) == 1400
+    assert windows.window_ms("Where is Peru?", 0.9, end_logprob=-5.0) == 300
+    assert windows.asks_the_model("Where is Peru?") and not windows.asks_the_model("Where is the")
+    assert not windows.asks_the_model("Hello") and not windows.asks_the_model("")
+    assert not EndOfTurn(message_end_below=None).asks_the_model("Where is Peru?")
+    assert not EndOfTurn(adaptive=False).asks_the_model("Where is Peru?")
     with pytest.raises(ConfigError, match="complete_confidence"):
         EndOfTurn(complete_confidence=1.5)

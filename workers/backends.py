@@ -6,15 +6,20 @@ llama.cpp and an offline one never needs the cloud SDKs.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from voicebus.engine.errors import ConfigError
+from voicebus.engine.errors import ConfigError, VoicebusError
 from voicebus.engine.settings import expand
 from voicebus.workers.asr.base import Recognizer
 from voicebus.workers.config import Settings
 from voicebus.workers.llm.base import ChatBackend
 from voicebus.workers.tts.base import Synthesizer
+
+if TYPE_CHECKING:
+    from voicebus.workers.llm.message_end import MessageEnd
 
 Progress = Callable[[str], None]
 
@@ -52,6 +57,29 @@ def open_recognizer(settings: Settings, progress: Progress | None = None) -> Rec
             endpoint=asr.speech_endpoint or None, language=asr.language,
         )
     raise ConfigError(f"unknown asr backend {asr.backend!r}; choose from pocketsphinx, whisper, azure")
+
+
+def uses_message_end(settings: Settings) -> bool:
+    """Whether the end of turn asks the chat model whether words end a message (``vad.message_end``): with
+    whisper (it hands over whole transcripts at pauses, on its decode thread) in English (the model and the
+    figures are), when the window adapts to the words at all."""
+    vad = settings.vad
+    return (vad.message_end and vad.adaptive and settings.asr.backend == "whisper"
+            and settings.asr.language.lower().startswith("en"))
+
+
+def open_message_end(settings: Settings) -> MessageEnd | None:
+    """The chat model for ``uses_message_end``, or None. One that cannot load is said in one line on stderr,
+    and the words alone decide: turn-taking is worse without it, not broken."""
+    if not uses_message_end(settings):
+        return None
+    from voicebus.workers.llm.message_end import MessageEnd
+
+    try:
+        return MessageEnd(repack=settings.llm.repack)
+    except VoicebusError as exc:
+        print(f"end of turn: the chat model is not used, the words alone decide ({exc})", file=sys.stderr, flush=True)
+        return None
 
 
 def open_chat(settings: Settings, *, keep_context: bool = False) -> ChatBackend:

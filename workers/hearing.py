@@ -36,6 +36,7 @@ question.
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -154,6 +155,8 @@ class _Utterance:
     """the rev whose answer the turn is held open for (0: none)"""
     words_window: int = 0
     """(holding) the window the words ask for: what is left once the answer is ready"""
+    ready_rev: int = 0
+    """a rev whose answer was ready before its window was chosen (nothing to hold for)"""
 
 
 class Hearing:
@@ -174,9 +177,12 @@ class Hearing:
         min_audio_ms: int = 100,
         hold_ms: int = 0,
         answered: Callable[[str], bool] | None = None,
+        message_end: Callable[[str], float] | None = None,
     ) -> None:
         """``hold_ms``: the longest silence that waits for a guess's answer (0: none; see the module doc);
-        ``answered``: whether an answer to these guessed words will be prepared and announced."""
+        ``answered``: whether an answer to these guessed words will be prepared and announced;
+        ``message_end``: the log-probability that a message ends with these words (``workers/llm/message_end``),
+        asked on the decode thread at each pause whose words read complete (batch recognizers only)."""
         if not 0 <= hold_ms <= MAX_SILENCE_MS:
             raise ConfigError(f"vad.hold_ms must be between 0 and {MAX_SILENCE_MS}, got {hold_ms}")
         self.recognizer = recognizer
@@ -187,6 +193,8 @@ class Hearing:
         self._min_audio = min_audio_ms * 32
         self.hold_ms = hold_ms
         self._answered = answered or (lambda text: True)
+        self._message_end = message_end if self.batch else None  # (a streaming guess is on the audio thread)
+        self._message_end_failed = False
         self._lock = threading.Lock()
         self._current: _Utterance | None = None
         self._count = 0
@@ -335,29 +343,56 @@ class Hearing:
     def _guessed(self, utterance: _Utterance, rev: int, result: Transcript, decode_s: float = 0.0) -> None:
         """A guess is ready: publish it if its pause still lasts and let it set the silence window,
         or make it the final if the utterance ended meanwhile."""
+        text = result.text.strip()
         with self._lock:
             utterance.guesses[rev] = result
             current = utterance.paused_rev == rev
             ended = current and utterance.ended is not None
-            if current and not ended:
-                window = self.end_of_turn.window_ms(result.text.strip(), result.confidence)
-                if self.hold_ms and result.text.strip() and self._answered(result.text.strip()):
-                    utterance.holding, utterance.words_window = rev, window
-                    window = max(window, self.hold_ms)
-                self._window_wanted = window
-                if result.text.strip():
-                    offset = utterance.pause_offsets.get(rev, utterance.start_ms)
-                    self.emit(Guess(utterance.number, rev, result.text.strip(), offset))
+            if current and not ended and text:
+                # Out first: the thinker and speaker prepare the answer while the window is chosen.
+                offset = utterance.pause_offsets.get(rev, utterance.start_ms)
+                self.emit(Guess(utterance.number, rev, text, offset))
         if ended:
             self._finalize(utterance, rev, result, decode_s)
+            return
+        if not current:
+            return
+        # Asked outside the lock (~30 ms): the pause's "waiting for the words" window holds meanwhile.
+        asked = self._message_end is not None and self.end_of_turn.asks_the_model(text)
+        end_logprob = self._weigh(text) if asked else None
+        with self._lock:
+            if utterance.paused_rev != rev or utterance.ended is not None:
+                return  # speech resumed, or the turn ended (its final is on its way), meanwhile
+            window = self.end_of_turn.window_ms(text, result.confidence, end_logprob)
+            if self.hold_ms and text and self._answered(text) and utterance.ready_rev != rev:
+                utterance.holding, utterance.words_window = rev, window
+                window = max(window, self.hold_ms)
+            self._window_wanted = window
+
+    def _weigh(self, text: str) -> float | None:
+        """The chat model's view of these words; None if it fails (said once): that costs the check, not the
+        turn, and an exception here would end the decode thread, and with it every transcript after."""
+        assert self._message_end is not None
+        try:
+            return self._message_end(text)
+        except Exception as exc:  # whatever the model raises
+            if not self._message_end_failed:
+                self._message_end_failed = True
+                print(f"end of turn: the chat model failed, the words alone decide ({type(exc).__name__}: {exc})",
+                      file=sys.stderr, flush=True)
+            return None
 
     def answer_ready(self, number: int, rev: int) -> None:
         """The answer to guess ``rev`` of utterance ``number`` is ready to play: the turn may end as soon
         as the words' own window has passed (any thread)."""
         with self._lock:
             utterance = self._current
-            if utterance is None or utterance.number != number or utterance.holding != rev:
-                return  # a guess revoked or ended meanwhile, or not held for
+            if utterance is None or utterance.number != number:
+                return  # ended meanwhile
+            if utterance.holding != rev:
+                if utterance.paused_rev == rev:
+                    utterance.ready_rev = rev  # sooner than its window was chosen: not to be held for
+                return  # else revoked meanwhile, or not held for
             utterance.holding = 0
             self._window_wanted = utterance.words_window
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import sys
 import threading
 import time
+from typing import TYPE_CHECKING
 
 from voicebus.engine.actor import Actor, handles
 from voicebus.engine.client import BusClient
@@ -48,6 +49,9 @@ from voicebus.workers.stop_phrases import StopPhrases
 from voicebus.workers.turnlog import BARGE_IN
 from voicebus.workers.turn_end import EndOfTurn
 from voicebus.workers.vad import endpointer_for
+
+if TYPE_CHECKING:
+    from voicebus.workers.llm.message_end import MessageEnd
 
 SILENCE = bytes(FRAME_BYTES)
 NO_NEWS_S = 60.0
@@ -92,11 +96,14 @@ class Listener(Actor):
         """input time where this listener started reading (a restarted one resumes mid-file)"""
         self.no_news_s = NO_NEWS_S
         self._stop_phrases = StopPhrases(settings.llm.stop_phrases)
+        self._message_end: MessageEnd | None = None
         self._answers_announced = True
         """whether guesses get a play.ready here (no speaker, or one that prepares nothing: not worth waiting)"""
 
     def backends(self) -> dict[str, str]:
-        return {"asr": self.settings.asr.backend, "input": self.settings.audio.input}
+        # (the end-of-turn model is llama.cpp too: a native crash while loading it must name it)
+        turn = {"end_of_turn": "local chat model"} if backends.uses_message_end(self.settings) else {}
+        return {"asr": self.settings.asr.backend, "input": self.settings.audio.input, **turn}
 
     def load(self) -> None:
         audio, vad = self.settings.audio, self.settings.vad
@@ -114,10 +121,12 @@ class Listener(Actor):
             return  # text only: utterances arrive as ctl.ask, straight to the thinker
         print(f"listener: loading {self.settings.asr.backend} speech recognition…", file=sys.stderr, flush=True)
         recognizer = backends.open_recognizer(self.settings, progress=self._progress_line)
+        self._message_end = backends.open_message_end(self.settings)
         self.hearing = Hearing(
             recognizer, endpointer_for(vad), self._heard, end_of_turn=EndOfTurn.from_settings(vad),
             # (audio.fast reads a file faster than real time: nobody waits, and the hold would be stream time)
             hold_ms=vad.hold_ms if vad.speculate and not audio.fast else 0, answered=self._answer_coming,
+            message_end=self._message_end.logprob if self._message_end is not None else None,
         )
         self._recognizer = recognizer
         self._thread = threading.Thread(target=self._listen, name="listener-audio", daemon=True)
@@ -418,3 +427,5 @@ class Listener(Actor):
         if self.hearing is not None:
             self.hearing.close()
             self._recognizer.close()
+        if self._message_end is not None:
+            self._message_end.close()

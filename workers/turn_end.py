@@ -22,6 +22,15 @@ that fits the guess it has:
   fragments read as complete sentences, with a median confidence of 0.54
   against 0.77 for real ends. Requiring 0.55 halves them (41) and costs the
   short window to 26 of 205 real ends.
+* complete-looking, but a chat model finds that a message seldom ends with these
+  words (``workers/llm/message_end.py``: the log-probability of the user's
+  message ending there below ``message_end_below``) → the long window. Whisper
+  confidently reads many fragments as whole sentences; the model weighs the
+  words themselves. Measured at -20 on the judge split (10 espeak-ng voices,
+  56 sentences, fragments said alone and cut out of the sentence;
+  ``scripts/eval_turn_end.py``): 47 % of fragments get the long window against
+  32 % from the words alone, and 7.5 % of whole sentences against 4.5 %. The
+  tuning split chose the threshold.
 * anything else (a single word, no punctuation) → the base window.
 * no words yet — the recognizer is still reading the pause — → *undecided*: the
   turn does not end on silence alone (up to ``undecided_ms``), because a
@@ -98,18 +107,28 @@ class EndOfTurn:
     """the window while the words of a pause are not known yet"""
     complete_confidence: float = 0.55
     """the recognizer's confidence below which complete-looking words get the base window, not the short one"""
+    message_end_below: float | None = -20.0
+    """the log-probability of the message ending there (``workers/llm/message_end.py``) below which words that
+    read complete get the long window; None: not asked"""
 
     def __post_init__(self) -> None:
         if not 0 <= self.complete_confidence <= 1:
             raise ConfigError(f"vad.complete_confidence must be between 0 and 1, got {self.complete_confidence}")
 
-    def window_ms(self, text: str | None, confidence: float | None = None) -> int:
+    def asks_the_model(self, text: str) -> bool:
+        """Whether ``window_ms`` would use the chat model's view of these words (``end_logprob``)."""
+        return self.adaptive and self.message_end_below is not None and completeness(text) == "complete"
+
+    def window_ms(self, text: str | None, confidence: float | None = None, end_logprob: float | None = None) -> int:
         """The window for the words heard so far (None: no words, e.g. speech going on), given the
-        recognizer's confidence in them (None: it gives none, as streaming recognizers do)."""
+        recognizer's confidence in them (None: it gives none, as streaming recognizers do) and the
+        log-probability that a message ends with them (None: not asked)."""
         if not self.adaptive or text is None:
             return self.base_ms
         verdict = completeness(text)
         if verdict == "complete":
+            if end_logprob is not None and self.message_end_below is not None and end_logprob < self.message_end_below:
+                return max(self.incomplete_ms, self.base_ms)
             if confidence is not None and confidence < self.complete_confidence:
                 return self.base_ms
             return min(self.complete_ms, self.base_ms)
@@ -120,7 +139,8 @@ class EndOfTurn:
     @classmethod
     def from_settings(cls, vad: VadSettings) -> EndOfTurn:
         return cls(vad.silence_ms, vad.complete_ms, vad.incomplete_ms, adaptive=vad.adaptive,
-                   undecided_ms=vad.undecided_ms, complete_confidence=vad.complete_confidence)
+                   undecided_ms=vad.undecided_ms, complete_confidence=vad.complete_confidence,
+                   message_end_below=vad.message_end_below if vad.message_end else None)
 
     def waiting_ms(self) -> int:
         """The window while the recognizer reads a pause (adaptive only: else the base window)."""

@@ -282,6 +282,11 @@ class LocalChat:
             self._llm.close()
             self._llm = None
 
+    @property
+    def llama(self) -> Llama:
+        """The loaded model, for a caller that asks it something other than a chat (``message_end``)."""
+        return self._model()
+
     def _model(self) -> Llama:
         if self._llm is None:
             raise BackendError("local chat model is closed")
@@ -295,6 +300,13 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
 def _chat_prompt(llm: Llama, messages: list[Message]) -> tuple[Any, list[int]]:
     """The model's own chat template applied to ``messages`` up to the assistant's header: (the formatter's
     result, its tokens). BackendError if the model carries no template."""
+    chat = format_chat(llm, messages)
+    return chat, llm.tokenize(chat.prompt.encode("utf-8"), add_bos=not chat.added_special, special=True)
+
+
+def format_chat(llm: Llama, messages: list[Message]) -> Any:
+    """The model's own chat template applied to ``messages`` up to the assistant's header (llama-cpp-python's
+    ``ChatFormatterResponse``: ``prompt``, ``added_special``). BackendError if the model carries no template."""
     from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
     template = llm.metadata.get("tokenizer.chat_template")
@@ -307,8 +319,7 @@ def _chat_prompt(llm: Llama, messages: list[Message]) -> tuple[Any, list[int]]:
         bos_token=llm._model.token_get_text(bos) if bos != -1 else "",
         stop_token_ids=[eos],
     )
-    chat = formatter(messages=messages)  # type: ignore[arg-type]
-    return chat, llm.tokenize(chat.prompt.encode("utf-8"), add_bos=not chat.added_special, special=True)
+    return formatter(messages=messages)  # type: ignore[arg-type]
 
 
 _defaults_lock = threading.Lock()
