@@ -81,6 +81,8 @@ supervisor sys., and every worker and the supervisor ctl.shutdown. The kinds the
 pass through untouched: the flood costs queue space and time, nothing else."""
 QUEUE_MB = 50_000 * 400 / 2**20
 WORKER_GROWTH_MB = QUEUE_MB + 24
+WARM_SENTENCES = 8
+"""Sentences a speaker plays before a flood measures it: by then its voice model's buffers have grown."""
 BUS_GROWTH_MB = 8 * QUEUE_MB + 24
 """Memory bounds under a flood, as tests/test_flood.py derives them from the bus's HWM."""
 
@@ -771,11 +773,28 @@ class Campaign:
         # A process that just started is still growing (models, arenas): its growth is not the flood's.
         if self.kills:
             self.stop_asking.wait(max(0.0, self.kills[-1].at + args.settle_s - time.monotonic()))
+        self._speaker_warm()
         log(f"flood: {args.flood_rate} msg/s for {args.flood_s:.0f} s on {', '.join(FLOOD_TOPICS)}")
         result = flood(self.stack, self.recorder, self.endpoints, args.flood_s, args.flood_rate)
         self.floods.append(result)
         log(f"flood: {result.sent} sent in {result.seconds} s; growth MB {result.growth_mb}; "
             f"restarts {result.restarts or 'none'}; settled in {result.settled_s} s")
+
+    def _speaker_warm(self, limit_s: float = 30.0) -> None:
+        """Wait (up to ``limit_s``) until the speaker has begun ``WARM_SENTENCES`` since it started: a new
+        piper process grows by ~180 MB over its first sentences (onnxruntime's arena), which a flood's memory
+        bound counted as the flood's harm three times (seeds 5, 7 and 10, each a speaker restarted shortly
+        before the flood)."""
+        pid = self.stack.children().get("speaker")
+        if pid is None:
+            return
+        deadline = time.monotonic() + limit_s
+        played = lambda: len(self.recorder.select(lambda e: e.kind == "play.start" and e.src.endswith(f":{pid}")))  # noqa: E731
+        while played() < WARM_SENTENCES and time.monotonic() < deadline and not self.stop_asking.is_set():
+            time.sleep(0.5)
+        if played() < WARM_SENTENCES:
+            log(f"flood: the speaker (pid {pid}) has played {played()} sentences since it started; "
+                f"its growth may be its own")
 
     # -- the end
 
