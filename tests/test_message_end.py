@@ -59,6 +59,7 @@ def test_the_listener_asks_it_only_where_it_applies(monkeypatch, capfd):
     assert not uses(**{"vad.message_end": False})
     assert not uses(**{"vad.adaptive": False})
     assert Listener(None, load(Settings)).backends()["end_of_turn"] == "local chat model"  # named if it crashes
+    assert "end_of_turn" not in Listener(None, load(Settings, overrides={"audio.input": "none"})).backends()
     # A model that cannot load costs the check, not the listener: one line, and the words alone decide.
     monkeypatch.setattr(local, "find_smollm2_gguf", lambda: Path("/nonexistent/model.gguf"))
     assert backends.open_message_end(load(Settings)) is None

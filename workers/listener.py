@@ -102,7 +102,8 @@ class Listener(Actor):
 
     def backends(self) -> dict[str, str]:
         # (the end-of-turn model is llama.cpp too: a native crash while loading it must name it)
-        turn = {"end_of_turn": "local chat model"} if backends.uses_message_end(self.settings) else {}
+        hears = self.settings.audio.input.strip().lower() != "none"
+        turn = {"end_of_turn": "local chat model"} if hears and backends.uses_message_end(self.settings) else {}
         return {"asr": self.settings.asr.backend, "input": self.settings.audio.input, **turn}
 
     def load(self) -> None:
