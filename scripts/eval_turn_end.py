@@ -158,16 +158,6 @@ class LibEspeak:
         return self._length, dict(self._words)
 
 
-def espeak_speech(voice: Voice, text: str) -> np.ndarray:
-    """``eval_asr.espeak_speech`` with sox's dither repeatable (-R): a clip comes out the same in every run
-    (eval_asr keeps its clips in a cache instead), so a run's figures can be reproduced."""
-    name, speed = voice.espeak
-    wav = eval_asr._run(["espeak-ng", "-v", name, "-s", str(speed), "--stdout", text])
-    raw = eval_asr._run(["sox", "-R", "-V1", "-t", "wav", "-", "-t", "raw", "-r", str(RATE), "-e", "signed",
-                         "-b", "16", "-c", "1", "-"], wav)
-    return np.frombuffer(raw, dtype="<i2").copy()
-
-
 def _word_times_afresh(voice: str, text: str) -> tuple[int, int, dict[int, int]]:
     """(rate, length, word starts) from a library that has said nothing before (see ``Espeak``)."""
     lib = LibEspeak()
@@ -187,7 +177,7 @@ class Espeak:
         self._fresh = multiprocessing.get_context("spawn").Pool(1, maxtasksperchild=1)
 
     def speak(self, voice: Voice, text: str, *, word_times: bool = False) -> Speech:
-        samples = espeak_speech(voice, text)
+        samples = eval_asr.espeak_speech(voice, text)
         if not word_times:
             return Speech(samples, {})
         rate, length, starts = self._fresh.apply(_word_times_afresh, (voice.spec, text))
