@@ -131,14 +131,10 @@ class Bus:
         if not self.endpoints.is_ipc:
             return
         self.endpoints.prepare()
-        path = os.path.join(self.endpoints.folder, LOCK_FILE)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            self._lock_fd = _lock_folder(self.endpoints.folder, create=True)
         except BlockingIOError:
-            os.close(fd)
             raise ConfigError(f"a bus is already running at {self.endpoints.url}") from None
-        self._lock_fd = fd
 
     def _run(self) -> None:
         xsub = tune(self._ctx.socket(zmq.XSUB), max_bytes=self.max_bytes)
@@ -204,22 +200,31 @@ class Bus:
         self.stop()
 
 
+def _lock_folder(folder: str, *, create: bool) -> int:
+    """The fd of the bus folder's lock file, locked (closing it unlocks); BlockingIOError while a running bus
+    holds the lock, OSError (FileNotFoundError) when there is no lock file and ``create`` is false."""
+    flags = os.O_RDWR | os.O_CLOEXEC | (os.O_CREAT if create else 0)
+    fd = os.open(os.path.join(folder, LOCK_FILE), flags, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise
+    return fd
+
+
 def ensure_free(endpoints: Endpoints) -> None:
     """ConfigError if a bus already runs at ``endpoints``: its folder's lock is held (ipc), or its ports are taken
     (tcp). For ``voicebus up`` before it starts anything: its workers would otherwise join the running bus."""
     busy = f"a bus is already running at {endpoints.url} (another voicebus up?); stop it, or give this run a bus of its own"
     if endpoints.is_ipc:
-        path = os.path.join(endpoints.folder, LOCK_FILE)
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
-        except OSError:
-            return  # no lock file: no bus has run here
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fd = _lock_folder(endpoints.folder, create=False)
         except BlockingIOError:
             raise ConfigError(f"{busy}: --bus ipc:///tmp/voicebus-second") from None
-        finally:
-            os.close(fd)  # closing drops our lock too
+        except OSError:
+            return  # no lock file: no bus has run here
+        os.close(fd)  # closing drops our lock too
         return
     for port in (endpoints.port, endpoints.port + 1):
         with socket.socket(socket.AF_INET6 if ":" in endpoints.host else socket.AF_INET) as probe:
