@@ -6,6 +6,7 @@ llama.cpp and an offline one never needs the cloud SDKs.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -20,6 +21,7 @@ from voicebus.workers.tts.base import Synthesizer
 
 if TYPE_CHECKING:
     from voicebus.workers.llm.message_end import MessageEnd
+    from voicebus.workers.run_state import LoadGuard
 
 Progress = Callable[[str], None]
 
@@ -68,18 +70,34 @@ def uses_message_end(settings: Settings) -> bool:
             and settings.asr.language.lower().startswith("en"))
 
 
-def open_message_end(settings: Settings) -> MessageEnd | None:
-    """The chat model for ``uses_message_end``, or None. One that cannot load is said in one line on stderr,
-    and the words alone decide: turn-taking is worse without it, not broken."""
+def open_message_end(settings: Settings, guard: LoadGuard | None = None) -> MessageEnd | None:
+    """The chat model for ``uses_message_end``, loaded and run once, or None. One that cannot load, or that
+    fails its first run, is said in one line on stderr, and the words alone decide: turn-taking is worse
+    without it, not broken. With a ``guard``, a process of this run that died while loading or first
+    running it (a native crash) means this one goes without it."""
     if not uses_message_end(settings):
         return None
     from voicebus.workers.llm.message_end import MessageEnd
 
-    try:
-        return MessageEnd(repack=settings.llm.repack)
-    except VoicebusError as exc:
-        print(f"end of turn: the chat model is not used, the words alone decide ({exc})", file=sys.stderr, flush=True)
+    def without(reason: str) -> None:
+        print(f"end of turn: the chat model is not used, the words alone decide ({reason})", file=sys.stderr, flush=True)
+
+    if guard is not None and guard.died_here_before:
+        without("a listener of this run died while loading it; vad.message_end = false stops trying")
         return None
+    with guard or contextlib.nullcontext():
+        try:
+            model = MessageEnd(repack=settings.llm.repack)
+        except VoicebusError as exc:
+            without(str(exc))
+            return None
+        try:
+            model.logprob("what time is it")  # the first run reads the system message: not at the first pause
+        except Exception as exc:  # noqa: BLE001 (llama.cpp's errors have no common type)
+            model.close()
+            without(f"it failed its first run: {type(exc).__name__}: {exc}")
+            return None
+    return model
 
 
 def open_chat(settings: Settings, *, keep_context: bool = False) -> ChatBackend:

@@ -43,7 +43,7 @@ from voicebus.workers.kinds import (
     VadStart,
 )
 from voicebus.workers.listener_progress import Progress, ProgressFile
-from voicebus.workers.run_state import run_key
+from voicebus.workers.run_state import LoadGuard, RunFile, run_key, sweep
 from voicebus.workers.redelivery import ANSWER_KINDS, Redelivery
 from voicebus.workers.stop_phrases import StopPhrases
 from voicebus.workers.turnlog import BARGE_IN
@@ -56,6 +56,8 @@ if TYPE_CHECKING:
 SILENCE = bytes(FRAME_BYTES)
 NO_NEWS_S = 60.0
 """After the input ended, how long pending answers may go without any news before the run fails."""
+GUARD_RECORD_S = 24 * 3600.0
+"""How long the record of a listener that died loading the end-of-turn model is kept (its run is long over)."""
 
 
 class Listener(Actor):
@@ -108,7 +110,8 @@ class Listener(Actor):
 
     def load(self) -> None:
         audio, vad = self.settings.audio, self.settings.vad
-        self._progress_file = ProgressFile(backends.state_dir(self.settings) / "runs", run_key(audio.input))
+        runs = backends.state_dir(self.settings) / "runs"
+        self._progress_file = ProgressFile(runs, run_key(audio.input))
         self._progress = self._progress_file.load()
         self._resume_pending()
         # A file has a past to skip on a restart; a microphone or the bus (a replay, a remote host) is live.
@@ -122,7 +125,9 @@ class Listener(Actor):
             return  # text only: utterances arrive as ctl.ask, straight to the thinker
         print(f"listener: loading {self.settings.asr.backend} speech recognition…", file=sys.stderr, flush=True)
         recognizer = backends.open_recognizer(self.settings, progress=self._progress_line)
-        self._message_end = backends.open_message_end(self.settings)
+        sweep(runs, "message-end-", GUARD_RECORD_S)
+        guard = LoadGuard(RunFile(runs / f"message-end-{run_key(audio.input)}.json"))
+        self._message_end = backends.open_message_end(self.settings, guard)
         self.hearing = Hearing(
             recognizer, endpointer_for(vad), self._heard, end_of_turn=EndOfTurn.from_settings(vad),
             # (audio.fast reads a file faster than real time: nobody waits, and the hold would be stream time)

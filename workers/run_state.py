@@ -77,3 +77,28 @@ def sweep(folder: Path, prefix: str, older_than_s: float) -> None:
                 path.unlink()
         except OSError:
             pass
+
+
+class LoadGuard:
+    """Whether a worker of this run died while loading an optional part, so that the next one goes without it.
+
+    A native library can kill its process while loading or first running a model (llama.cpp built for
+    another CPU), and nothing in the process can report it. Around the risky step the worker leaves a
+    record (``with guard:``), removed when the step returns or raises; a record found at the next start
+    means the process died inside it. A part the worker can do without is then left out for the rest of
+    the run, at the cost of one restart, instead of the crash repeating until the supervisor gives up.
+    """
+
+    def __init__(self, record: RunFile) -> None:
+        self.record = record
+
+    @property
+    def died_here_before(self) -> bool:
+        return bool(self.record.load())
+
+    def __enter__(self) -> "LoadGuard":
+        self.record.save({"pid": os.getpid(), "since": time.time()})
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.record.remove()
