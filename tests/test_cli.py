@@ -89,6 +89,7 @@ def test_unknown_backend_and_missing_keys_stop_up_before_anything_starts():
 @pytest.mark.parametrize("setting, said", [
     ("VOICEBUS_VAD_ENGINE=foo", "unknown VAD engine 'foo'; choose from silero, webrtc"),
     ("VOICEBUS_ASR_LANGUAGE=klingon", "whisper does not know language 'klingon'"),
+    ("VOICEBUS_VAD_MESSAGE_END_BELOW=0.01", "vad.message_end_below is a natural log, below 0"),
 ])
 def test_listener_settings_are_checked_before_anything_starts(setting, said):
     """Found trying voicebus as a new user: these failed only once the listener had loaded its models, five

@@ -14,7 +14,7 @@ import time
 import numpy as np
 import pytest
 
-from voicebus.engine.errors import ConfigError
+from voicebus.engine.errors import BackendError, ConfigError
 from voicebus.workers.asr.base import Transcript
 from voicebus.workers.audio import FRAME_BYTES, RATE, Resampler
 from voicebus.workers.hearing import Ended, Final, Guess, Hearing, NoMatch, Revoked, SpeechStarted
@@ -237,6 +237,42 @@ def test_a_failing_chat_model_costs_the_check_not_the_transcripts(say, capfd):
     assert err.count("the chat model failed, the words alone decide") == 1 and "llama_decode returned -1" in err
 
 
+class FailingAt(Scripted):
+    """``Scripted``, but its decodes numbered in ``failing`` (1 = the first) raise ``error``."""
+
+    def __init__(self, words: list[str], failing: set[int], error: Exception) -> None:
+        super().__init__(words)
+        self.failing, self.error = failing, error
+
+    def transcribe(self, pcm: bytes) -> Transcript:
+        result = super().transcribe(pcm)
+        if len(self.calls) in self.failing:
+            raise self.error
+        return result
+
+
+@pytest.mark.parametrize("error", [BackendError("whisper failed to transcribe: out of memory"),
+                                   RuntimeError("CTranslate2 says no")], ids=["backend-error", "any-exception"])
+def test_a_failed_decode_at_a_pause_is_decoded_again_at_the_end(say, error):
+    """Found in review: the pause's decode failed, the end took it for still running, and the utterance
+    never got a final or a no-match (with --fast the run then waited for it for ever); an exception other
+    than the recognizer's own ended the decode thread, and every transcript after it."""
+    question = silence(500) + say("What is the capital of France?") + silence(1500)
+    recognizer = FailingAt(["", "What is the capital of France?"], {1}, error)
+    events = run(recognizer, question + question)
+    assert [g.utterance for g in of(events, Guess)] == [2] and not of(events, NoMatch)  # none of a failure
+    assert [f.text for f in of(events, Final)] == ["What is the capital of France?"] * 2  # the thread lives on
+    assert len(recognizer.calls) == 3  # the first utterance twice: at its pause, again at its end
+
+
+def test_a_decode_that_fails_again_at_the_end_is_a_no_match_that_says_why(say):
+    question = silence(500) + say("What is the capital of France?") + silence(1500)
+    events = run(FailingAt(["What is the capital of France?"], {1, 2}, RuntimeError("CTranslate2 says no")), question)
+    [no_match] = of(events, NoMatch)
+    assert not of(events, Final) and isinstance(no_match.error, BackendError)
+    assert "speech recognition failed: RuntimeError: CTranslate2 says no" in no_match.reason
+
+
 def test_the_end_of_speech_is_where_the_silence_began_however_long_the_wait(say):
     question = say("What is the capital of France?")
     events = run(Scripted(["What is the capital of France?"], decode_s=0.9), silence(500) + question + silence(2500))
@@ -303,3 +339,5 @@ def test_completeness_of_what_was_said():
     assert not EndOfTurn(adaptive=False).asks_the_model("Where is Peru?")
     with pytest.raises(ConfigError, match="complete_confidence"):
         EndOfTurn(complete_confidence=1.5)
+    with pytest.raises(ConfigError, match=r"vad.message_end_below is a natural log, below 0 .* got 0.01"):
+        EndOfTurn(message_end_below=0.01)  # a probability, where a log is wanted

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
 from voicebus.engine.client import BusClient
+from voicebus.workers import backends
+from voicebus.workers.asr.base import Transcript
 from voicebus.workers.audio import write_wav
 from voicebus.workers.kinds import LlmAccepted, LlmDone, PlayReady, PlayStart, TurnMetrics
 from voicebus.workers.listener import Listener
@@ -173,6 +176,37 @@ def test_answers_that_never_come_end_the_run_with_a_reason(run_listener, make_cl
     # Read in real time, the file ends first; read fast, the first question waits for its answer.
     assert any(e.kind == "audio.end" for e in seen) is not fast
     assert len({e.turn for e in seen if e.kind == "asr.final"}) == (1 if fast else 2)
+
+
+class Hanging:
+    """A batch recognizer that never returns (until released): a native decode stuck for good."""
+
+    def __init__(self) -> None:
+        self.released = threading.Event()
+
+    def transcribe(self, pcm: bytes) -> Transcript:
+        self.released.wait()
+        return Transcript("")
+
+    def close(self) -> None:
+        self.released.set()
+
+
+def test_fast_waiting_on_a_recognizer_that_hangs_ends_the_run_with_a_reason(run_listener, make_client,
+                                                                             two_questions, monkeypatch):
+    """Found in review: read with --fast, the listener waited for the words of the first question for ever
+    (heartbeats and all, so nothing replaced it)."""
+    recognizer = Hanging()
+    monkeypatch.setattr(backends, "open_recognizer", lambda settings, progress=None: recognizer)
+    client = make_client("test", subscribe=("ctl.shutdown",))
+    listener = run_listener(two_questions, **{"vad.message_end": False})
+    listener.no_news_s = 2.0
+    try:
+        shutdown = wait_for(client, lambda e: e.kind == "ctl.shutdown", timeout=30).body
+    finally:
+        recognizer.released.set()
+    assert shutdown.failed
+    assert shutdown.reason == f"no words from the whisper recognizer for 2 s after an utterance ended in {two_questions}"
 
 
 def test_fast_reads_the_next_question_once_the_last_turn_is_over(run_listener, make_client, two_questions):

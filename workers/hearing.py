@@ -43,7 +43,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from voicebus.engine.errors import ConfigError, VoicebusError
+from voicebus.engine.errors import BackendError, ConfigError, VoicebusError
 from voicebus.workers.asr.base import Transcript
 from voicebus.workers.turn_end import EndOfTurn
 from voicebus.workers.vad import MAX_SILENCE_MS, Endpointer, SpeechEnd, SpeechPause, SpeechResume, SpeechStart
@@ -157,6 +157,8 @@ class _Utterance:
     """(holding) the window the words ask for: what is left once the answer is ready"""
     ready_rev: int = 0
     """a rev whose answer was ready before its window was chosen (nothing to hold for)"""
+    failed_rev: int = 0
+    """a rev whose pause's decode failed: the end decodes the whole utterance again"""
 
 
 class Hearing:
@@ -310,7 +312,7 @@ class Hearing:
             utterance.ended = ended
             rev = utterance.paused_rev
             ready = utterance.guesses.get(rev) if rev else None
-            queued_or_running = rev and ready is None
+            queued_or_running = rev and ready is None and rev != utterance.failed_rev
             if ready is None and not queued_or_running:
                 # No pause was decoded for this ending (no pause seen, or speech resumed): decode it all now.
                 utterance.rev += 1
@@ -421,12 +423,17 @@ class Hearing:
         started = time.perf_counter()
         try:
             result = self._transcribe(pcm)
-        except VoicebusError as exc:
+        except Exception as exc:  # one failed decode must not end the thread that decodes every utterance
+            error = exc if isinstance(exc, VoicebusError) else BackendError(
+                f"speech recognition failed: {type(exc).__name__}: {exc}")
             with self._lock:
-                final = utterance.ended is not None and utterance.paused_rev == rev and not utterance.finalized
+                current = utterance.paused_rev == rev and not utterance.finalized
+                final = current and utterance.ended is not None
                 utterance.finalized |= final
+                if current and not final:
+                    utterance.failed_rev = rev  # the pause's decode: the turn's end tries the whole again
             if final:
-                self.emit(NoMatch(utterance.number, f"error: {exc.code}: {exc}", error=exc))
+                self.emit(NoMatch(utterance.number, f"error: {error.code}: {error}", error=error))
             return
         self._guessed(utterance, rev, result, time.perf_counter() - started)
 

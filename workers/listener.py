@@ -245,7 +245,11 @@ class Listener(Actor):
             return
         if not len(self.redelivery):
             if self._eof_at is None:
-                return  # paused (--fast): reading goes on by itself
+                # Paused (--fast) on an utterance whose words never came: a recognizer that hangs.
+                if now - waiting_since > self.no_news_s:
+                    self._give_up(f"no words from the {self.settings.asr.backend} recognizer for "
+                                  f"{self.no_news_s:.0f} s after an utterance ended in {self.settings.audio.input}")
+                return  # else reading goes on by itself
             if not self._progress.heard_any:
                 what = "no speech was heard" if not self._progress.utterances else (
                     f"nothing could be recognized in the {self._progress.utterances} utterance(s) heard")

@@ -61,10 +61,12 @@ def check_listener_settings(settings: Settings, workers: Iterable[str]) -> None:
     """Settings the listener would only find wrong once its models are loaded (and after every restart)."""
     if "listener" not in set(workers):
         return
+    from voicebus.workers.turn_end import EndOfTurn
     from voicebus.workers.vad_frames import ENGINES
 
     if settings.vad.engine not in ENGINES:
         raise ConfigError(f"unknown VAD engine {settings.vad.engine!r}; choose from {', '.join(ENGINES)}")
+    EndOfTurn.from_settings(settings.vad)  # its ConfigErrors
     if settings.asr.backend == "whisper":
         from voicebus.workers.asr.whisper import check_language
 

@@ -114,6 +114,10 @@ class EndOfTurn:
     def __post_init__(self) -> None:
         if not 0 <= self.complete_confidence <= 1:
             raise ConfigError(f"vad.complete_confidence must be between 0 and 1, got {self.complete_confidence}")
+        if self.message_end_below is not None and not self.message_end_below < 0:
+            # (a probability written here, 0.01, would give every complete-looking request the long window)
+            raise ConfigError(f"vad.message_end_below is a natural log, below 0 (-20 is e^-20), "
+                              f"got {self.message_end_below}")
 
     def asks_the_model(self, text: str) -> bool:
         """Whether ``window_ms`` would use the chat model's view of these words (``end_logprob``)."""

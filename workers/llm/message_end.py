@@ -48,6 +48,14 @@ class MessageEnd:
 
     def __init__(self, model_path: Path | str | None = None, *, threads: int = 1, repack: str = "auto") -> None:
         self._chat = LocalChat(model_path, context_tokens=CONTEXT_TOKENS, threads=threads, repack=repack)
+        try:
+            self._read_the_template()
+        except BaseException:
+            self._chat.close()
+            raise
+        self._lock = threading.Lock()
+
+    def _read_the_template(self) -> None:
         llm = self._chat.llama
         chat = format_chat(llm, [{"role": "system", "content": SYSTEM}, {"role": "user", "content": _SENTINEL}])
         prompt: str = chat.prompt
@@ -62,7 +70,6 @@ class MessageEnd:
         self._prefix = self._tokens("")
         self._prefix_read = False
         """whether the context holds the prefix (and so a call reads only the words)"""
-        self._lock = threading.Lock()
 
     def _tokens(self, words: str) -> list[int]:
         return self._chat.llama.tokenize((self._before + words).encode("utf-8"), add_bos=self._add_bos, special=True)
@@ -91,4 +98,5 @@ class MessageEnd:
         return float(logits[self._end] - top - math.log(np.exp(logits - top).sum()))
 
     def close(self) -> None:
-        self._chat.close()
+        with self._lock:  # not under a call still running on another thread (a decode outlived the join)
+            self._chat.close()
