@@ -63,6 +63,8 @@ def parting(a: str, b: str, context: int = 2, shown: int = 8) -> str:
         text = " ".join(ws[start : start + shown]) or "(nothing more)"
         return ("…" if start else "") + text + ("…" if len(ws) > start + shown else "")
 
+    if same == len(wa) == len(wb):  # the same words: they part in punctuation or case
+        return f"in punctuation or case: {part(wa)!r} then, {part(wb)!r} now"
     where = f"from word {same + 1}: " if same else ""
     return f"{where}{part(wa)!r} then, {part(wb)!r} now"
 

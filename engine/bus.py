@@ -202,12 +202,12 @@ class Bus:
 
 def _lock_folder(folder: str, *, create: bool) -> int:
     """The fd of the bus folder's lock file, locked (closing it unlocks); BlockingIOError while a running bus
-    holds the lock, OSError (FileNotFoundError) when there is no lock file and ``create`` is false."""
+    holds the lock, FileNotFoundError when there is no lock file and ``create`` is false."""
     flags = os.O_RDWR | os.O_CLOEXEC | (os.O_CREAT if create else 0)
     fd = os.open(os.path.join(folder, LOCK_FILE), flags, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+    except OSError:
         os.close(fd)
         raise
     return fd
@@ -222,7 +222,7 @@ def ensure_free(endpoints: Endpoints) -> None:
             fd = _lock_folder(endpoints.folder, create=False)
         except BlockingIOError:
             raise ConfigError(f"{busy}: --bus ipc:///tmp/voicebus-second") from None
-        except OSError:
+        except FileNotFoundError:
             return  # no lock file: no bus has run here
         os.close(fd)  # closing drops our lock too
         return

@@ -676,12 +676,19 @@ class FakeStream:
             for i in range(0, len(pcm) - step + 1, step):
                 self.callback(pcm[i : i + step], self.blocksize, None, 0)
 
+        self.gone = False
+        """the device went away (unplugged): PortAudio's calls on the stream fail"""
+
     def write(self, data):
+        if self.gone:
+            raise FakePortAudioError("Error writing stream: device unavailable [PaErrorCode -9985]")
         self.written += data
         return False
 
     def stop(self):
         self.calls.append("stop")
+        if self.gone:
+            raise FakePortAudioError("Error stopping stream: device unavailable [PaErrorCode -9985]")
 
     def close(self):
         self.calls.append("close")
@@ -766,3 +773,18 @@ def test_device_sink_resamples_to_the_device_rate_and_drains_on_close(monkeypatc
     assert stream.calls == ["start", "stop", "close"]  # stop (drain), not abort
     assert abs(len(stream.written) // 2 - 24000) <= 2
     assert abs(peaks(as_int16(bytes(stream.written)), 48000)[0] - 900) < 5
+
+
+def test_a_device_that_goes_away_fails_its_write_once_and_closes_quietly(monkeypatch):
+    """Found in review: the write's one-line error was followed by a traceback from close(), whose stop()
+    failed too, and the speaker exited 1 instead of being restarted as a failed output (exit 2)."""
+    sd = fake_sounddevice(devices={"USB headset": 22050})
+    monkeypatch.setitem(sys.modules, "sounddevice", sd)
+    sink = open_sink("speaker", 22050, realtime=True)
+    sink.write(bytes(882))
+    sd.streams[0].gone = True
+    with pytest.raises(AudioError, match="device unavailable"):
+        sink.write(bytes(882))
+    sink.close()
+    assert sd.streams[0].calls == ["start", "stop", "close"]
+    sink.close()  # (twice, as the speaker's own close may)

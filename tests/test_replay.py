@@ -69,6 +69,9 @@ def test_an_answer_that_differs_shows_where_it_parts():
     c = compare(Comparison("voice", then, story(3, answer="The capital of France")), Tolerances())
     assert c.differences[0].endswith("from word 5: '…of France is Paris, a city of about…' then, "
                                      "'…of France' now")
+    c = compare(Comparison("voice", story(4, answer="It is Paris."), story(5, answer="It is Paris!")),
+                Tolerances(answer_match="exact"))
+    assert c.differences == ["answer differs: in punctuation or case: '…is Paris.' then, '…is Paris!' now"]
 
 
 @pytest.mark.parametrize("now, tolerances, expected", [

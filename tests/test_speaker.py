@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -27,6 +29,7 @@ from voicebus.workers.kinds import (
 from voicebus.workers.speaker import Speaker, latencies
 
 from conftest import wait_for
+from support.procs import clean_env
 
 pytestmark = pytest.mark.slow
 
@@ -354,7 +357,7 @@ def test_a_new_speaker_says_again_the_recent_stops_its_predecessor_kept(run_acto
     wav = tmp_path / "out.wav"
     recent, stale, garbled = new_turn_id(), new_turn_id() + 1, new_turn_id() + 2
     stop = {"index": 2, "reason": "barge-in", "spoken_ms": 640, "total_ms": 1800}
-    kept = tmp_path / "runs" / f"speaker-{run_key(str(wav))}.json"
+    kept = tmp_path / "runs" / f"speaker-{run_key(str(wav), 0.0)}.json"
     kept.parent.mkdir()
     kept.write_text(json.dumps({str(recent): {**stop, "since": time.time() - 5},
                                 str(stale): {**stop, "since": time.time() - STOP_OFFERED_S - 5},
@@ -472,3 +475,26 @@ def test_an_output_that_fails_mid_answer_is_one_line_and_the_next_speaker_goes_o
     err = up.stderr()
     assert "speaker: AudioError: " in err and "Traceback" not in err, err
     assert "speaker exit code 2; restarting" in err + up.stdout()
+
+
+def test_a_speaker_run_by_hand_starts_its_output_afresh_each_time(bus, make_client, tmp_path):
+    """Found in review: a speaker's "output opened" record was keyed by its parent process, which for a
+    worker run by hand (a shell, systemd) outlives every run: each run appended to the last one's file."""
+    out = tmp_path / "out.wav"
+    client = make_client("test", subscribe=("sys.ready", "metrics.turn"))
+    env = {**clean_env(tmp_path / "state"), "VOICEBUS_BUS_URL": bus.endpoints.url, "VOICEBUS_BUS_SECURITY": "insecure",
+           "VOICEBUS_AUDIO_OUTPUT": str(out), "VOICEBUS_AUDIO_FAST": "1"}
+    lengths = []
+    for _ in range(2):
+        worker = subprocess.Popen([sys.executable, "-m", "voicebus.cli.main", "worker", "speaker"], env=env,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        try:
+            wait_for(client, lambda e: e.kind == "sys.ready" and e.body.pid == worker.pid, timeout=90)
+            turn = _answer(client, "Here is the only answer of this run.")
+            wait_for(client, lambda e: e.kind == "metrics.turn" and e.turn == turn, timeout=30)
+        finally:
+            worker.terminate()
+            err = worker.communicate(timeout=30)[1]
+        assert "Traceback" not in err, err
+        lengths.append(soundfile.info(str(out)).frames)
+    assert lengths[0] > 0 and lengths[1] == pytest.approx(lengths[0], rel=0.02), lengths

@@ -111,7 +111,8 @@ class Listener(Actor):
     def load(self) -> None:
         audio, vad = self.settings.audio, self.settings.vad
         runs = backends.state_dir(self.settings) / "runs"
-        self._progress_file = ProgressFile(runs, run_key(audio.input))
+        key = run_key(audio.input, self.settings.state.run_started)
+        self._progress_file = ProgressFile(runs, key)
         self._progress = self._progress_file.load()
         self._resume_pending()
         # A file has a past to skip on a restart; a microphone or the bus (a replay, a remote host) is live.
@@ -126,7 +127,7 @@ class Listener(Actor):
         print(f"listener: loading {self.settings.asr.backend} speech recognition…", file=sys.stderr, flush=True)
         recognizer = backends.open_recognizer(self.settings, progress=self._progress_line)
         sweep(runs, "message-end-", GUARD_RECORD_S)
-        guard = LoadGuard(RunFile(runs / f"message-end-{run_key(audio.input)}.json"))
+        guard = LoadGuard(RunFile(runs / f"message-end-{key}.json"))
         self._message_end = backends.open_message_end(self.settings, guard)
         self.hearing = Hearing(
             recognizer, endpointer_for(vad), self._heard, end_of_turn=EndOfTurn.from_settings(vad),

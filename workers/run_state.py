@@ -1,8 +1,8 @@
 """Small records a worker keeps on disk for one run, so that a worker restarted mid-run goes on from there.
 
 A record belongs to one run: it is keyed by what the worker serves (its input
-or output) and by the process that supervises it (its pid and start time,
-which survive a worker restart but not a new ``voicebus up``). It is written
+or output) and by the ``voicebus up`` that supervises it (its pid, start time
+and the run's start, which survive a worker restart but not a new run). It is written
 atomically (temporary file, then rename), and best effort: an unwritable
 state folder costs the resume, not the run. A worker removes its record when
 it has nothing left to resume; records of runs that ended otherwise are swept
@@ -21,15 +21,20 @@ from pathlib import Path
 import psutil
 
 
-def run_key(spec: str) -> str:
-    """Identifies this run of the worker serving ``spec``: survives a worker restart, not a new supervisor."""
-    parent = os.getppid()
+def run_key(spec: str, run_started: float) -> str:
+    """Identifies this run of the worker serving ``spec``: survives a worker restart, not a new supervisor.
+
+    ``run_started`` is when ``voicebus up`` began (``state.run_started``, the same for every worker it
+    restarts). A worker started by hand has none (0): nothing restarts it into the same run, and its
+    parent (a shell, systemd) outlives every run, so its records are its own process's.
+    """
+    owner = os.getppid() if run_started else os.getpid()
     try:
-        started = psutil.Process(parent).create_time()
+        started = psutil.Process(owner).create_time()
     except psutil.Error:
         started = 0.0
     spec = str(Path(spec).resolve()) if spec not in ("mic", "none", "speaker") else spec
-    return hashlib.sha256(f"{spec}\0{parent}\0{started}".encode()).hexdigest()[:16]
+    return hashlib.sha256(f"{spec}\0{owner}\0{started}\0{run_started}".encode()).hexdigest()[:16]
 
 
 class RunFile:

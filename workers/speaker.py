@@ -50,7 +50,7 @@ from voicebus.engine.client import BusClient
 from voicebus.engine.errors import AudioError, ConfigError, ProtocolError
 from voicebus.engine.messages import Envelope
 from voicebus.workers import backends
-from voicebus.workers.audio import open_sink
+from voicebus.workers.audio import WavSink, open_sink
 from voicebus.workers.config import Settings
 from voicebus.workers.kinds import (
     AsrFinal,
@@ -202,12 +202,12 @@ class Speaker(Actor):
         self.synth = backends.open_synthesizer(self.settings)
         audio = self.settings.audio
         runs = self._runs_folder()
-        key = run_key(audio.output)
+        key = run_key(audio.output, self.settings.state.run_started)
         # A speaker restarted mid-run goes on after the answers its predecessor wrote to a file.
         opened = RunFile(runs / f"output-{key}.json") if runs is not None else None
         append = opened is not None and bool(opened.load())
         self.sink = open_sink(audio.output, self.synth.sample_rate, realtime=not audio.fast, append=append)
-        if opened is not None:
+        if opened is not None and isinstance(self.sink, WavSink):  # (what a device played cannot be added to)
             opened.save({"output": audio.output, "opened": time.time()})
         self._unheard_file = RunFile(runs / f"speaker-{key}.json") if runs is not None else None
         self._resume_unheard()
@@ -656,10 +656,12 @@ class Speaker(Actor):
             pass
         for thread in self._threads:
             thread.join(timeout=2)
-        if self.sink is not None:
-            self.sink.close()
-        if self.synth is not None:
-            self.synth.close()
+        try:
+            if self.sink is not None:
+                self.sink.close()
+        finally:
+            if self.synth is not None:
+                self.synth.close()
 
 
 def latencies(t: dict[str, float]) -> dict[str, float]:

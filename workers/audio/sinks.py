@@ -163,6 +163,11 @@ class DeviceSink(Closing):
             if self._resampler is not None:
                 self._play(self._resampler.flush())
             self._stream.stop()  # stop() (unlike abort()) lets buffered audio finish
+        except (AudioError, self._sd.PortAudioError):
+            pass  # a device gone (unplugged): its write failed first and said why; nothing left to play
         finally:
-            self._stream.close()
+            try:
+                self._stream.close()
+            except self._sd.PortAudioError:
+                pass
             self._stream = None
