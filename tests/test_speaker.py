@@ -497,4 +497,5 @@ def test_a_speaker_run_by_hand_starts_its_output_afresh_each_time(bus, make_clie
             err = worker.communicate(timeout=30)[1]
         assert "Traceback" not in err, err
         lengths.append(soundfile.info(str(out)).frames)
-    assert lengths[0] > 0 and lengths[1] == pytest.approx(lengths[0], rel=0.02), lengths
+    # (piper's voice varies from run to run by a few per cent: appended, the file would be twice as long)
+    assert lengths[0] > 0 and lengths[1] < 1.5 * lengths[0], lengths
