@@ -56,7 +56,8 @@ def _backends() -> list[str]:
 
 @pytest.fixture(scope="session", params=_backends())
 def heard(request, tmp_path_factory) -> Iterator[tuple[str, list[tuple[str, object]]]]:
-    """Every clip heard once by the backend (the default one, and whisper): (backend, [(text, ClipHeard)])."""
+    """Every clip heard once by the backend (the default one, and whisper), and by its recognizer alone on the
+    speech cut where it is: (backend, [(text, ClipHeard, cut's text or None)])."""
     backend = request.param
     settings = load(Settings, env={}, overrides={"asr.backend": backend,
                                                  "state.dir": tmp_path_factory.mktemp(f"state-{backend}")})
@@ -66,7 +67,8 @@ def heard(request, tmp_path_factory) -> Iterator[tuple[str, list[tuple[str, obje
         for path, text in _clips():
             pcm, _ = read_audio(path)
             speech = np.frombuffer(pcm, dtype="<i2")
-            results.append((text, ear.hear(eval_asr.make_clip(speech), realtime=False)))
+            clip = eval_asr.make_clip(speech)
+            results.append((text, ear.hear(clip, realtime=False), ear.cut(clip, len(speech))))
     finally:
         ear.close()
     yield backend, results
@@ -85,22 +87,37 @@ def test_the_committed_clips_are_what_the_readme_says():
 
 def test_word_accuracy_on_voices_nobody_tuned_on(heard):
     backend, results = heard
-    errors = [eval_asr.word_errors(text, " ".join(h.text for h in hearing.heard)) for text, hearing in results]
+    errors = [eval_asr.word_errors(text, " ".join(h.text for h in hearing.heard)) for text, hearing, _cut in results]
     accuracy = eval_asr.word_accuracy(errors)
-    said = {text: " | ".join(h.text for h in hearing.heard) for text, hearing in results}
+    said = {text: " | ".join(h.text for h in hearing.heard) for text, hearing, _cut in results}
     assert accuracy is not None and accuracy >= FLOOR[backend], f"{backend} heard {said}"
+
+
+def test_a_perfect_cut_hears_clean_speech_as_well_as_the_listener_does(heard):
+    """``--perfect-cut``'s column: the recognizer alone on the speech, the front end's yardstick. On clean
+    speech the front end loses nothing to speak of, so the two agree (loosely: a cut a few hundred ms
+    longer or shorter moves whisper's words both ways)."""
+    backend, results = heard
+    cuts = [cut for _text, _hearing, cut in results]
+    if backend != "whisper":
+        assert cuts == [None] * len(results)  # a streaming recognizer has no batch call to make
+        return
+    listener = eval_asr.word_accuracy(eval_asr.word_errors(text, " ".join(h.text for h in hearing.heard))
+                                      for text, hearing, _cut in results)
+    alone = eval_asr.word_accuracy(eval_asr.word_errors(text, cut) for text, _hearing, cut in results)
+    assert alone >= FLOOR[backend] and abs(alone - listener) <= 0.1, (alone, listener, cuts)
 
 
 def test_the_vad_hears_each_clip_as_one_utterance(heard):
     _backend, results = heard
-    counts = {text: len(hearing.heard) for text, hearing in results}
+    counts = {text: len(hearing.heard) for text, hearing, _cut in results}
     assert all(count == 1 for count in counts.values()), counts
 
 
 def test_lone_stop_phrases_end_the_conversation_and_mid_sentence_ones_do_not(heard):
     backend, results = heard
     stop = eval_asr.StopRule(Settings().llm.stop_phrases)
-    outcome = {text: any(stop.ends_conversation(h.text) for h in hearing.heard) for text, hearing in results}
+    outcome = {text: any(stop.ends_conversation(h.text) for h in hearing.heard) for text, hearing, _cut in results}
     false_stops = [text for text, stopped in outcome.items() if stopped and stop.kind(text) != "stop"]
     assert not false_stops
     missed = [text for text, stopped in outcome.items() if not stopped and stop.kind(text) == "stop"]
