@@ -90,6 +90,8 @@ class Listener(Actor):
         """a file read --fast: its next utterance waits until the last turn is over"""
         self._paused_at: float | None = None
         """--fast: when reading stopped to wait for the last turn's answer (``_wait_for_the_answer``)"""
+        self._heard_at = 0.0
+        """when the front end last said anything (a hung recognizer says nothing)"""
         self._last_turn = 0
         self._thread: threading.Thread | None = None
         self._progress_file: ProgressFile | None = None
@@ -247,7 +249,7 @@ class Listener(Actor):
         if not len(self.redelivery):
             if self._eof_at is None:
                 # Paused (--fast) on an utterance whose words never came: a recognizer that hangs.
-                if now - waiting_since > self.no_news_s:
+                if self._turns and now - max(waiting_since, self._heard_at) > self.no_news_s:
                     self._give_up(f"no words from the {self.settings.asr.backend} recognizer for "
                                   f"{self.no_news_s:.0f} s after an utterance ended in {self.settings.audio.input}")
                 return  # else reading goes on by itself
@@ -327,6 +329,7 @@ class Listener(Actor):
     # --- what the front end heard (audio or decode thread) -----------------------------------
 
     def _heard(self, event: Event) -> None:
+        self._heard_at = time.monotonic()
         if isinstance(event, SpeechStarted):
             self._speech_started(event)
             return
