@@ -57,16 +57,18 @@ def parting(a: str, b: str, context: int = 2, shown: int = 8) -> str:
     """Where two texts part, word by word: the table's cells, cut to a column, often show the same start."""
     wa, wb = a.split(), b.split()
     same = next((i for i, (x, y) in enumerate(zip(wa, wb)) if words(x) != words(y)), min(len(wa), len(wb)))
+    how = ""
+    if same == len(wa) == len(wb):  # the same words: they part in punctuation or case, or only in spaces
+        same = next((i for i, (x, y) in enumerate(zip(wa, wb)) if x != y), same)
+        how = "in punctuation or case " if same < len(wa) else "in spacing only "
     start = max(0, same - context)
 
     def part(ws: list[str]) -> str:
         text = " ".join(ws[start : start + shown]) or "(nothing more)"
         return ("…" if start else "") + text + ("…" if len(ws) > start + shown else "")
 
-    if same == len(wa) == len(wb):  # the same words: they part in punctuation or case
-        return f"in punctuation or case: {part(wa)!r} then, {part(wb)!r} now"
-    where = f"from word {same + 1}: " if same else ""
-    return f"{where}{part(wa)!r} then, {part(wb)!r} now"
+    where = f"from word {same + 1}: " if same < max(len(wa), len(wb)) and same else ""
+    return f"{how}{where}{part(wa)!r} then, {part(wb)!r} now"
 
 
 @dataclass

@@ -135,6 +135,8 @@ class Bus:
             self._lock_fd = _lock_folder(self.endpoints.folder, create=True)
         except BlockingIOError:
             raise ConfigError(f"a bus is already running at {self.endpoints.url}") from None
+        except OSError as exc:
+            raise ConfigError(_unusable_lock(self.endpoints.folder, exc)) from None
 
     def _run(self) -> None:
         xsub = tune(self._ctx.socket(zmq.XSUB), max_bytes=self.max_bytes)
@@ -213,6 +215,11 @@ def _lock_folder(folder: str, *, create: bool) -> int:
     return fd
 
 
+def _unusable_lock(folder: str, exc: OSError) -> str:
+    return (f"cannot lock the bus folder {folder} ({os.path.join(folder, LOCK_FILE)}: {exc.strerror or exc}); "
+            f"remove it, or give this run a bus of its own: --bus ipc:///tmp/voicebus-second")
+
+
 def ensure_free(endpoints: Endpoints) -> None:
     """ConfigError if a bus already runs at ``endpoints``: its folder's lock is held (ipc), or its ports are taken
     (tcp). For ``voicebus up`` before it starts anything: its workers would otherwise join the running bus."""
@@ -224,6 +231,8 @@ def ensure_free(endpoints: Endpoints) -> None:
             raise ConfigError(f"{busy}: --bus ipc:///tmp/voicebus-second") from None
         except FileNotFoundError:
             return  # no lock file: no bus has run here
+        except OSError as exc:
+            raise ConfigError(_unusable_lock(endpoints.folder, exc)) from None
         os.close(fd)  # closing drops our lock too
         return
     for port in (endpoints.port, endpoints.port + 1):

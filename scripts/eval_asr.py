@@ -418,9 +418,14 @@ class Ear:
         side), no VAD: what a perfect front end would hand it. None for a recognizer that only streams."""
         if not hasattr(self.recognizer, "transcribe"):
             return None
+        from voicebus.engine.errors import VoicebusError
+
         first = max(0, int((LEAD_S - CUT_MARGIN_S) * RATE))
         last = int(LEAD_S * RATE) + speech_samples + int(CUT_MARGIN_S * RATE)
-        return self.recognizer.transcribe(pcm[2 * first : 2 * last]).text.strip()
+        try:
+            return self.recognizer.transcribe(pcm[2 * first : 2 * last]).text.strip()
+        except VoicebusError:  # as the listener's path has it: a failed decode hears nothing
+            return ""
 
     def close(self) -> None:
         self.recognizer.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -16,7 +17,7 @@ from pathlib import Path
 import pytest
 import zmq
 
-from voicebus.engine.bus import HWM, Bus, Endpoints, free_port_pair, tune
+from voicebus.engine.bus import HWM, LOCK_FILE, Bus, Endpoints, ensure_free, free_port_pair, tune
 from voicebus.engine.client import BusClient, SequenceTracker
 from voicebus.engine.endpoints import default_url
 from voicebus.engine.errors import ConfigError
@@ -128,6 +129,17 @@ def test_bus_sockets_have_bounded_queues_and_no_zmtp_heartbeats():
         sock.close(linger=0)
     finally:
         ctx.term()
+
+
+def test_a_lock_file_that_cannot_be_locked_is_one_line_naming_it(bus_folder):
+    """Found in review: a bus.lock that is a folder (or unreadable) reached voicebus up as a traceback."""
+    url = f"ipc://{bus_folder}"
+    (bus_folder / LOCK_FILE).mkdir()
+    said = f"cannot lock the bus folder {bus_folder} ({bus_folder / LOCK_FILE}: Is a directory)"
+    with pytest.raises(ConfigError, match=re.escape(said)):
+        ensure_free(Endpoints.parse(url))
+    with pytest.raises(ConfigError, match=re.escape(said)):
+        Bus(Endpoints.parse(url), Security()).start()
 
 
 def test_one_bus_per_folder_and_a_killed_bus_frees_it(bus_folder):

@@ -209,6 +209,35 @@ def test_fast_waiting_on_a_recognizer_that_hangs_ends_the_run_with_a_reason(run_
     assert shutdown.reason == f"no words from the whisper recognizer for 2 s after an utterance ended in {two_questions}"
 
 
+class Fixed:
+    """A batch recognizer that hears the same words in everything, at once."""
+
+    def transcribe(self, pcm: bytes) -> Transcript:
+        return Transcript("What is the capital of France?", 0.9)
+
+    def close(self) -> None:
+        pass
+
+
+def test_fast_waits_for_a_slow_answer_with_news_as_long_as_it_takes(run_listener, make_client, two_questions,
+                                                                    monkeypatch):
+    """Found in review: the give-up above counted from when reading paused, so a turn that took longer
+    than no_news_s in all (news all along) ended the run as failed the moment it was over."""
+    monkeypatch.setattr(backends, "open_recognizer", lambda settings, progress=None: Fixed())
+    client = make_client("test", subscribe=("vad.start", "asr.final", "ctl."))
+    listener = run_listener(two_questions, **{"vad.message_end": False})
+    listener.no_news_s = 2.0
+    first = wait_for(client, lambda e: e.kind == "asr.final", timeout=60)
+    deadline = time.monotonic() + 3.0  # longer than no_news_s, with news every 0.5 s
+    while time.monotonic() < deadline:
+        client.publish(LlmAccepted(), turn=first.turn)
+        time.sleep(0.5)
+    client.publish(LlmDone(finish_reason="stop", sentences=1), turn=first.turn)
+    client.publish(TurnMetrics(timings={}, outcome="done"), turn=first.turn)
+    seen = collect_until(client, lambda e: e.kind in ("vad.start", "ctl.shutdown"), timeout=30)
+    assert seen[-1].kind == "vad.start", seen[-1].body  # the next question, not a failed run
+
+
 def test_fast_reads_the_next_question_once_the_last_turn_is_over(run_listener, make_client, two_questions):
     """Read faster than real time, the second question began while the first was being answered: the user
     spoke over it, and of a file of questions only the last got an answer (voicebus up --fast)."""

@@ -57,6 +57,13 @@ def test_each_call_reads_only_the_words_and_gives_the_same_answer_again(model):
     assert model.logprob(long) < 0
 
 
+def test_a_closed_model_answers_without_reading():
+    """A decode that outlived the listener's shutdown may still ask: no use of a freed model, no error line."""
+    model = MessageEnd()
+    model.close()
+    assert model.logprob("What is the capital of") == 0.0
+
+
 def test_the_listener_asks_it_only_where_it_applies(monkeypatch, capfd):
     def uses(**values) -> bool:
         return backends.uses_message_end(load(Settings, overrides=values))

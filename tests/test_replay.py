@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from voicebus.cli.replay_report import Comparison, Tolerances, compare, pair_turns, same_text
+from voicebus.cli.replay_report import Comparison, Tolerances, compare, pair_turns, parting, same_text
 from voicebus.cli.replay import (
     known_settings,
     parse_set,
@@ -71,7 +71,11 @@ def test_an_answer_that_differs_shows_where_it_parts():
                                      "'…of France' now")
     c = compare(Comparison("voice", story(4, answer="It is Paris."), story(5, answer="It is Paris!")),
                 Tolerances(answer_match="exact"))
-    assert c.differences == ["answer differs: in punctuation or case: '…is Paris.' then, '…is Paris!' now"]
+    assert c.differences == ["answer differs: in punctuation or case from word 3: 'It is Paris.' then, "
+                             "'It is Paris!' now"]
+    assert parting("Paris, the capital, is big.", "Paris the capital, is big.") == (
+        "in punctuation or case 'Paris, the capital, is big.' then, 'Paris the capital, is big.' now")
+    assert parting("It is  Paris.", "It is Paris.") == "in spacing only '…is Paris.' then, '…is Paris.' now"
 
 
 @pytest.mark.parametrize("now, tolerances, expected", [

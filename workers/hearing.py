@@ -159,6 +159,8 @@ class _Utterance:
     """a rev whose answer was ready before its window was chosen (nothing to hold for)"""
     failed_rev: int = 0
     """a rev whose pause's decode failed: the end decodes the whole utterance again"""
+    end_rev: int = 0
+    """the rev of the decode the end queued itself (when that fails, nothing is left to try)"""
 
 
 class Hearing:
@@ -315,10 +317,7 @@ class Hearing:
             queued_or_running = rev and ready is None and rev != utterance.failed_rev
             if ready is None and not queued_or_running:
                 # No pause was decoded for this ending (no pause seen, or speech resumed): decode it all now.
-                utterance.rev += 1
-                rev = utterance.paused_rev = utterance.rev
-                self._jobs.append((utterance, rev, bytes(utterance.audio)))
-                self._wake.notify()
+                self._decode_all(utterance)
         if ready is not None:
             self._finalize(utterance, rev, ready, 0.0)
 
@@ -428,14 +427,25 @@ class Hearing:
                 f"speech recognition failed: {type(exc).__name__}: {exc}")
             with self._lock:
                 current = utterance.paused_rev == rev and not utterance.finalized
-                final = current and utterance.ended is not None
-                utterance.finalized |= final
-                if current and not final:
+                ended = current and utterance.ended is not None
+                if current and not ended:
                     utterance.failed_rev = rev  # the pause's decode: the turn's end tries the whole again
+                retry = ended and rev != utterance.end_rev
+                if retry:  # the pause's decode, which the end waited for: one more try, on the whole
+                    self._decode_all(utterance)
+                final = ended and not retry
+                utterance.finalized |= final
             if final:
                 self.emit(NoMatch(utterance.number, f"error: {error.code}: {error}", error=error))
             return
         self._guessed(utterance, rev, result, time.perf_counter() - started)
+
+    def _decode_all(self, utterance: _Utterance) -> None:
+        """(with the lock held) Queue the whole of an ended utterance for its final decode."""
+        utterance.rev += 1
+        utterance.paused_rev = utterance.end_rev = utterance.rev
+        self._jobs.append((utterance, utterance.rev, bytes(utterance.audio)))
+        self._wake.notify()
 
     def _transcribe(self, pcm: bytes) -> Transcript:
         if len(pcm) < self._min_audio:

@@ -54,6 +54,7 @@ class MessageEnd:
             self._chat.close()
             raise
         self._lock = threading.Lock()
+        self._closed = False
 
     def _read_the_template(self) -> None:
         llm = self._chat.llama
@@ -75,10 +76,13 @@ class MessageEnd:
         return self._chat.llama.tokenize((self._before + words).encode("utf-8"), add_bos=self._add_bos, special=True)
 
     def logprob(self, text: str) -> float:
-        llm = self._chat.llama
-        tokens = self._tokens(as_spoken(text))
+        """(0.0, "it ends here", once closed: only a decode that outlived its listener's shutdown asks then)"""
         room = CONTEXT_TOKENS - len(self._prefix) - 1
         with self._lock:
+            if self._closed:
+                return 0.0
+            llm = self._chat.llama
+            tokens = self._tokens(as_spoken(text))
             if tokens[: len(self._prefix)] == self._prefix:
                 if not self._prefix_read:
                     llm.reset()
@@ -99,4 +103,5 @@ class MessageEnd:
 
     def close(self) -> None:
         with self._lock:  # not under a call still running on another thread (a decode outlived the join)
+            self._closed = True
             self._chat.close()
