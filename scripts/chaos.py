@@ -81,8 +81,10 @@ supervisor sys., and every worker and the supervisor ctl.shutdown. The kinds the
 pass through untouched: the flood costs queue space and time, nothing else."""
 QUEUE_MB = 50_000 * 400 / 2**20
 WORKER_GROWTH_MB = QUEUE_MB + 24
-WARM_SENTENCES = 8
-"""Sentences a speaker plays before a flood measures it: by then its voice model's buffers have grown."""
+WARM = {"speaker": ("play.start", 8), "thinker": ("llm.done", 4)}
+"""What a worker does before a flood measures it (kind, count since it started): by then a speaker's voice
+model has grown its buffers, and a thinker has read the conversation back (prompt buffers, key/value
+cache pages)."""
 BUS_GROWTH_MB = 8 * QUEUE_MB + 24
 """Memory bounds under a flood, as tests/test_flood.py derives them from the bus's HWM."""
 
@@ -773,28 +775,29 @@ class Campaign:
         # A process that just started is still growing (models, arenas): its growth is not the flood's.
         if self.kills:
             self.stop_asking.wait(max(0.0, self.kills[-1].at + args.settle_s - time.monotonic()))
-        self._speaker_warm()
+        for name in WARM:
+            self._warm(name)
         log(f"flood: {args.flood_rate} msg/s for {args.flood_s:.0f} s on {', '.join(FLOOD_TOPICS)}")
         result = flood(self.stack, self.recorder, self.endpoints, args.flood_s, args.flood_rate)
         self.floods.append(result)
         log(f"flood: {result.sent} sent in {result.seconds} s; growth MB {result.growth_mb}; "
             f"restarts {result.restarts or 'none'}; settled in {result.settled_s} s")
 
-    def _speaker_warm(self, limit_s: float = 30.0) -> None:
-        """Wait (up to ``limit_s``) until the speaker has begun ``WARM_SENTENCES`` since it started: a new
-        piper process grows by ~180 MB over its first sentences (onnxruntime's arena), which a flood's memory
-        bound counted as the flood's harm three times (seeds 5, 7 and 10, each a speaker restarted shortly
-        before the flood)."""
-        pid = self.stack.children().get("speaker")
+    def _warm(self, name: str, limit_s: float = 30.0) -> None:
+        """Wait (up to ``limit_s``) until worker ``name`` has done its ``WARM`` since it started. A process
+        restarted shortly before a flood grows by itself over its first turns, which the flood's memory
+        bound counted as the flood's harm: a new piper by ~180 MB (onnxruntime's arena; seeds 5, 7 and 10),
+        a new thinker by 48 MB while it read the conversation back (seed 11, a thinker 19 s old)."""
+        pid = self.stack.children().get(name)
         if pid is None:
             return
+        kind, count = WARM[name]
         deadline = time.monotonic() + limit_s
-        played = lambda: len(self.recorder.select(lambda e: e.kind == "play.start" and e.src.endswith(f":{pid}")))  # noqa: E731
-        while played() < WARM_SENTENCES and time.monotonic() < deadline and not self.stop_asking.is_set():
+        done = lambda: len(self.recorder.select(lambda e: e.kind == kind and e.src.endswith(f":{pid}")))  # noqa: E731
+        while done() < count and time.monotonic() < deadline and not self.stop_asking.is_set():
             time.sleep(0.5)
-        if played() < WARM_SENTENCES:
-            log(f"flood: the speaker (pid {pid}) has played {played()} sentences since it started; "
-                f"its growth may be its own")
+        if done() < count:
+            log(f"flood: the {name} (pid {pid}) has sent {done()} {kind} since it started; its growth may be its own")
 
     # -- the end
 
