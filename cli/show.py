@@ -131,7 +131,9 @@ class _Builder:
         s = self.story(env.turn, t)
         if kind == "vad.start":
             s.source = s.source or "voice"
-            s.mark(t, "speech_start", "speech start")
+            rejoins = body.get("rejoins")
+            s.mark(t, "speech_start", "speech start",
+                   f"goes on from turn {rejoins}: heard with its words" if rejoins else "")
         elif kind == "vad.end":
             end = body.get("speech_end_ts")
             if isinstance(end, (int, float)):

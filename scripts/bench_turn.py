@@ -93,6 +93,8 @@ CONFIGS = {
     "no-hold": {"VOICEBUS_VAD_HOLD_MS": "0"},
     # complete-reading words are not weighed by the chat model (vad.message_end): what it costs and saves
     "no-message-end": {"VOICEBUS_VAD_MESSAGE_END": "false"},
+    # speech soon after a turn ended is a new request on its own, not the same one going on (vad.rejoin_ms)
+    "no-rejoin": {"VOICEBUS_VAD_REJOIN_MS": "0"},
 }
 
 WORKER_ROLES = ("listener", "thinker", "speaker")
@@ -108,6 +110,11 @@ VOICE_STAGES: list[tuple[str, str, Callable[[dict], float | None]]] = [
     ("first_sentence", "first sentence (asr.final → sentence)", lambda t: t.get("first_sentence_s")),
     ("first_audio", "first audio (sentence/confirm → audio)", lambda t: t.get("first_audio_s")),
     ("saved", "speculation saved", lambda t: t.get("speculation_saved_s")),
+    # Where a held answer's time goes (turns whose confirmed guess was answered): the sum is the earliest the
+    # turn could end, whatever the window.
+    ("to_guess", "  speech end → guess (pause, decode)", lambda t: _diff(t, "speech_end", "guess")),
+    ("guess_to_sentence", "  guess → its first sentence (chat)", lambda t: _diff(t, "guess", "first_sentence")),
+    ("sentence_to_ready", "  first sentence → answer ready (voice)", lambda t: _diff(t, "first_sentence", "guess_ready")),
 ]
 TEXT_STAGES: list[tuple[str, str, Callable[[dict], float | None]]] = [
     ("ttft", "ttft (request → first token)", lambda t: t.get("ttft_s")),
@@ -516,6 +523,7 @@ def run_voice(label: str, env_extra: dict[str, str], wav: Path, said: list[Utter
             body = env.body
             if env.kind == "vad.start":
                 rec["start_ms"] = body.offset_ms
+                rec["rejoins"] = bool(getattr(body, "rejoins", 0))
             elif env.kind == "asr.guess":
                 rec["guesses"] += 1
             elif env.kind == "asr.revoke":
@@ -580,6 +588,8 @@ def voice_figures(run: Run, said: list[Utterance]) -> dict:
     questions = [r for r in measured_turns if not said[r["utterance"]].paused]
     paused_idx = [i for i, u in enumerate(said) if u.paused]
     cut = [i for i in paused_idx if len(by_utterance.get(i, [])) > 1]
+    # A cut-off whose last turn rejoined the one before: it was transcribed, and answered, with the first half.
+    rejoined = [i for i in cut if by_utterance[i][-1].get("rejoins")]
     missed = [i for i, u in enumerate(said) if not u.warm_up and i not in by_utterance]
     heard = {said[i].text: " | ".join(r.get("heard", "∅") for r in recs) for i, recs in sorted(by_utterance.items())}
     return {
@@ -589,6 +599,7 @@ def voice_figures(run: Run, said: list[Utterance]) -> dict:
         "false_cutoffs": len(cut),
         "paused_utterances": len(paused_idx),
         "false_cutoff_texts": [said[i].text for i in cut],
+        "cutoffs_rejoined": len(rejoined),
         "not_heard": [said[i].text for i in missed],
         "noise_turns": sum(1 for r in run.turns if "utterance" not in r),
         "guesses": sum(r["guesses"] for r in run.turns),
@@ -607,7 +618,8 @@ def voice_figures(run: Run, said: list[Utterance]) -> dict:
 
 
 def word_accuracy(said: list[Utterance], by_utterance: dict[int, list[dict]]) -> float | None:
-    """1 − WER over everything said (all turns of an utterance joined), or None without jiwer."""
+    """1 − WER over everything said, or None without jiwer. An utterance heard as several turns counts them
+    joined, less any turn that the next one rejoined and heard words in (those words hold its words)."""
     try:
         import jiwer
         from whisper_normalizer.english import EnglishTextNormalizer
@@ -619,7 +631,10 @@ def word_accuracy(said: list[Utterance], by_utterance: dict[int, list[dict]]) ->
         if utterance.warm_up:
             continue
         refs.append(norm(utterance.text) or "-")
-        hyps.append(norm(" ".join(r.get("heard", "") for r in by_utterance.get(i, []))) or "-")
+        turns = by_utterance.get(i, [])
+        kept = [r for k, r in enumerate(turns)
+                if k + 1 == len(turns) or not (turns[k + 1].get("rejoins") and turns[k + 1].get("heard"))]
+        hyps.append(norm(" ".join(r.get("heard", "") for r in kept)) or "-")
     return round(max(0.0, 1 - jiwer.wer(refs, hyps)), 3)
 
 
@@ -926,6 +941,8 @@ def main() -> int:
                                                           for c in voice_runs]))
         rows.append(("false cut-offs (paused utterances)", [f"{v[c]['false_cutoffs']} / {v[c]['paused_utterances']}"
                                                              for c in voice_runs]))
+        rows.append(("  of them, the rest rejoined the first half", [f"{v[c].get('cutoffs_rejoined', 0)}"
+                                                               for c in voice_runs]))
         rows.append(("guesses: published / confirmed / revoked", [
             f"{v[c]['guesses']} / {v[c]['confirmed_guesses']} / {v[c]['revokes']}" for c in voice_runs]))
         rows.append(("answers to revoked guesses (LLM tokens)", [

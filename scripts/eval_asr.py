@@ -324,6 +324,9 @@ class Heard:
     """time.monotonic() when the final transcript was ready (asr.final)."""
     forced_end: bool = False
     """True when the VAD never found the end and the input's end closed it (as the listener does at EOF)."""
+    rejoined: bool = False
+    """the next utterance rejoined this one (vad.rejoin_ms): its transcript holds these words, which the
+    listener's next turn asks again"""
 
     @property
     def latency_s(self) -> float:
@@ -372,21 +375,32 @@ class Ear:
         out = ClipHeard()
         starts: dict[int, int] = {}
         ends: dict[int, tuple[int, float]] = {}
+        rejoined: dict[int, int] = {}
+        """utterance → the one it rejoins (vad.rejoin_ms): whose words its own transcript holds"""
+        by_utterance: dict[int, Heard] = {}
         input_over = False
 
         def heard(event: object) -> None:
             now = time.monotonic()
             if isinstance(event, SpeechStarted):
                 starts[event.utterance] = event.offset_ms
+                if event.rejoins:
+                    rejoined[event.utterance] = event.rejoins
             elif isinstance(event, Ended):
                 ends[event.utterance] = (event.offset_ms, now)
             elif isinstance(event, (Final, NoMatch)):
                 end_ms, vad_end_t = ends.get(event.utterance, (0, now))
-                out.heard.append(Heard(event.text.strip() if isinstance(event, Final) else "",
-                                       starts.get(event.utterance, 0), end_ms, vad_end_t, now, forced_end=input_over))
+                result = Heard(event.text.strip() if isinstance(event, Final) else "",
+                               starts.get(event.utterance, 0), end_ms, vad_end_t, now, forced_end=input_over)
+                out.heard.append(result)
+                by_utterance[event.utterance] = result
+                before = by_utterance.get(rejoined.get(event.utterance, 0))
+                if isinstance(event, Final) and before is not None:
+                    at = next(i for i, h in enumerate(out.heard) if h is before)
+                    out.heard[at] = replace(before, rejoined=True)
 
         hearing = Hearing(_Timed(self.recognizer, out), endpointer_for(vad), heard,
-                          end_of_turn=EndOfTurn.from_settings(vad),
+                          end_of_turn=EndOfTurn.from_settings(vad), rejoin_ms=vad.rejoin_ms,
                           message_end=self.message_end.logprob if self.message_end is not None else None)
         frame_bytes = FRAME * 2
         padded = pcm + bytes(-len(pcm) % frame_bytes)
@@ -671,7 +685,7 @@ def hear_all(ear: Ear, plan: Sequence[Clip], speech: SpeechCache, beds: dict[str
         samples = speech.speech(Voice(clip.voice), clip.text)
         pcm = make_clip(samples, snr_db=clip.snr_db, noise=beds.get(clip.noise or ""), seed=clip.seed)
         hearing = ear.hear(pcm, realtime=clip.paced)
-        hypothesis = " ".join(h.text for h in hearing.heard if h.text)
+        hypothesis = " ".join(h.text for h in hearing.heard if h.text and not h.rejoined)
         cut = ear.cut(pcm, len(samples)) if perfect_cut else None
         results.append(Result(
             clip=clip,

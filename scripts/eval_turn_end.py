@@ -37,6 +37,11 @@ shorter (``short``). Below it: the area under the ROC curve of the model's log-p
 whole sentences and fragments among the clips that read complete (where the model decides
 anything), and the median time of a transcription and of a model call.
 
+The last columns (``heard perfectly``) put every clip's own words where the transcript was, at full
+confidence, a fragment punctuated as if it were the whole sentence ("What is the capital of?"), as
+whisper often punctuates one. The same rules and model then show what a recognizer that heard
+every word would leave to them: the share of the gap that is the recognizer's.
+
 Settings come from the usual sources (config file, VOICEBUS_* environment); ``--threads`` sets
 ``asr.threads`` (default 1, as the figures in ``workers/turn_end.py`` were measured), and the
 model's check is on whatever ``vad.message_end`` says, at ``vad.message_end_below``. Needs a
@@ -263,6 +268,8 @@ class Heard:
     """None where the listener does not ask the model (the words do not read complete)"""
     window_words_ms: int
     window_model_ms: int
+    window_perfect_ms: int
+    """the window the clip's own words would get (see ``perfect_words``): what is left with no misreading"""
     transcribe_ms: float
     model_ms: float | None
 
@@ -281,6 +288,8 @@ class Listener:
         if not hasattr(self.recognizer, "transcribe"):
             raise EvalError(f"asr.backend {settings.asr.backend!r} does not transcribe whole clips; use whisper")
         self.message_end = backends.open_message_end(settings)  # None where the listener would not ask it
+        self._perfect: dict[str, int] = {}
+        """words → their window (the same for every voice)"""
 
     def hear(self, clip: Clip) -> Heard:
         from voicebus.workers.turn_end import completeness
@@ -298,12 +307,29 @@ class Listener:
                      transcript.confidence, end_logprob,
                      self.end_of_turn.window_ms(text, transcript.confidence),
                      self.end_of_turn.window_ms(text, transcript.confidence, end_logprob),
-                     transcribe_ms, model_ms)
+                     self.perfect_window(perfect_words(clip)), transcribe_ms, model_ms)
+
+    def perfect_window(self, words: str) -> int:
+        """The window for ``words`` heard with full confidence, the model asked as the listener asks it."""
+        if words not in self._perfect:
+            asked = self.message_end is not None and self.end_of_turn.asks_the_model(words)
+            end_logprob = self.message_end.logprob(words) if asked else None
+            self._perfect[words] = self.end_of_turn.window_ms(words, 1.0, end_logprob)
+        return self._perfect[words]
 
     def close(self) -> None:
         self.recognizer.close()
         if self.message_end is not None:
             self.message_end.close()
+
+
+def perfect_words(clip: Clip) -> str:
+    """What the clip says; a fragment gets its sentence's final mark, as if it were the whole (the harder case
+    for the rules: unpunctuated words never read complete)."""
+    if clip.kind == "whole":
+        return clip.words
+    mark = clip.sentence.rstrip()[-1]
+    return clip.words + (mark if mark in ".?!" else ".")
 
 
 # --- figures -------------------------------------------------------------------------------------
@@ -321,6 +347,8 @@ def group_figures(rows: Sequence[Heard], base_ms: int) -> dict[str, object]:
         "long_model": share(rows, lambda r: r.window_model_ms > base_ms),
         "short_words": share(rows, lambda r: r.window_words_ms < base_ms),
         "short_model": share(rows, lambda r: r.window_model_ms < base_ms),
+        "long_perfect": share(rows, lambda r: r.window_perfect_ms > base_ms),
+        "short_perfect": share(rows, lambda r: r.window_perfect_ms < base_ms),
     }
 
 
@@ -353,7 +381,8 @@ def figures(rows: Sequence[Heard], base_ms: int) -> dict[str, object]:
 
 COLUMNS = (("clips", "clips"), ("reads complete", "reads_complete"),
            ("long window, words only", "long_words"), ("long window, with the model", "long_model"),
-           ("short window, words only", "short_words"), ("short window, with the model", "short_model"))
+           ("short window, words only", "short_words"), ("short window, with the model", "short_model"),
+           ("long window, heard perfectly", "long_perfect"), ("short window, heard perfectly", "short_perfect"))
 
 
 def print_table(report: dict[str, object]) -> None:

@@ -34,3 +34,6 @@ def test_the_chat_model_gives_sentences_cut_short_the_long_window():
     # Loose: whole sentences mostly end at once, and the model's check lengthens the window of fragments.
     assert whole["short_model"] >= 0.5 and whole["long_model"] <= 0.5
     assert fragments["long_model"] > fragments["long_words"], fragments
+    # Every word heard, the rules and model keep fragments waiting at least as often as through whisper,
+    # and whole sentences still end at once.
+    assert fragments["long_perfect"] >= fragments["long_model"] and whole["short_perfect"] >= 0.5, figures

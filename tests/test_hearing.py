@@ -68,7 +68,8 @@ class Scripted:
 
 
 def run(recognizer, pcm: bytes, *, realtime: bool = True, hold_ms: int = 0, answered=None,
-        ready_after_s: float | None = None, message_end=None, **end_of_turn) -> list[tuple[float, object]]:
+        ready_after_s: float | None = None, message_end=None, rejoin_ms: int = 0, rejoinable=None,
+        read_alone=None, **end_of_turn) -> list[tuple[float, object]]:
     """Feed ``pcm`` frame by frame (at real time: decoding overlaps the audio); (seconds, event) pairs.
 
     With ``ready_after_s``, the answer to each guess is ready that long after the guess (as the speaker's
@@ -83,7 +84,8 @@ def run(recognizer, pcm: bytes, *, realtime: bool = True, hold_ms: int = 0, answ
 
     hearing = Hearing(recognizer, Endpointer(silence_ms=end_of_turn.get("base_ms", 500)), emit,
                       end_of_turn=EndOfTurn(**end_of_turn) if end_of_turn else None, hold_ms=hold_ms,
-                      answered=answered, message_end=message_end)
+                      answered=answered, message_end=message_end, rejoin_ms=rejoin_ms,
+                      rejoinable=rejoinable, read_alone=read_alone)
     for i in range(0, len(pcm) - FRAME_BYTES + 1, FRAME_BYTES):
         hearing.feed(pcm[i : i + FRAME_BYTES])
         if realtime:
@@ -192,6 +194,73 @@ def test_going_on_while_the_answer_is_prepared_revokes_the_guess_instead_of_cutt
 def test_hold_ms_out_of_range_is_a_config_error():
     with pytest.raises(ConfigError, match="hold_ms"):
         Hearing(Scripted([""]), Endpointer(), lambda e: None, hold_ms=-1)
+    with pytest.raises(ConfigError, match="rejoin_ms"):
+        Hearing(Scripted([""]), Endpointer(), lambda e: None, rejoin_ms=-1)
+
+
+@pytest.mark.parametrize("rejoin_ms", [1500, 0])
+def test_speech_soon_after_a_turn_ended_is_transcribed_with_it(say, rejoin_ms):
+    first, second = say("What is the capital"), say("of Peru?")
+    pcm = silence(500) + first + silence(900) + second + silence(1500)
+    # The first half reads as a whole question: its 300 ms window ends the turn inside the 900 ms pause.
+    recognizer = Scripted(["What is the capital?", "What is the capital of Peru?"])
+    events = run(recognizer, pcm, rejoin_ms=rejoin_ms)
+    starts, ends, finals = of(events, SpeechStarted), of(events, Ended), of(events, Final)
+    assert len(starts) == len(ends) == len(finals) == 2 and starts[0].rejoins == 0
+    if rejoin_ms:
+        assert starts[1].rejoins == starts[0].utterance
+        # Each decode of the second utterance reads the first one's audio (and the pause) in front of its own.
+        assert recognizer.calls[-1] >= len(first) + len(second) + 32 * 300, recognizer.calls
+    else:
+        assert starts[1].rejoins == 0 and recognizer.calls[-1] < len(first), recognizer.calls
+    assert finals[1].text == "What is the capital of Peru?"  # (the stand-in says what it is told)
+
+
+def test_a_rejoining_final_is_read_alone_too_when_its_words_ask_for_it(say):
+    pcm = silence(500) + say("What is the capital of France?") + silence(900) + say("Stop.") + silence(1500)
+    words = ["What is the capital of France?", "What is the capital of France? Stop.", "Stop."]
+    recognizer = Scripted(words)
+    asked: list[str] = []
+    events = run(recognizer, pcm, rejoin_ms=1500, read_alone=lambda text: asked.append(text) or "Stop" in text)
+    starts, finals = of(events, SpeechStarted), of(events, Final)
+    assert starts[1].rejoins == starts[0].utterance and asked == [words[1]]  # asked of rejoining finals only
+    assert finals[0].alone is None and (finals[1].text, finals[1].alone) == (words[1], "Stop.")
+    assert recognizer.calls[-1] < recognizer.calls[-2] - 32 * 1000  # the last decode: the new audio alone
+    # words it does not pick are not read again
+    recognizer = Scripted(words)
+    finals = of(run(recognizer, pcm, rejoin_ms=1500, read_alone=lambda text: False), Final)
+    assert finals[1].alone is None and len(recognizer.calls) == 2
+
+
+def test_a_turn_that_is_over_is_not_rejoined(say):
+    pcm = silence(500) + say("What is the capital") + silence(900) + say("of Peru?") + silence(1500)
+    asked: list[int] = []
+    starts = of(run(Scripted(["What is the capital?", "Of Peru?"]), pcm, rejoin_ms=1500,
+                    rejoinable=lambda number: asked.append(number) or False), SpeechStarted)
+    assert starts[1].rejoins == 0 and asked == [starts[0].utterance]
+
+
+def test_a_rejoining_utterance_too_long_for_whisper_gives_up_the_front_of_what_it_took_over():
+    from voicebus.workers.hearing import MAX_DECODE_BYTES, _Utterance
+
+    before, own = b"a" * (10 * 32000), b"b" * (25 * 32000)
+    utterance = _Utterance(2, 0, audio=bytearray(before + own), own_from=len(before))
+    audio = utterance.decode_audio()
+    assert len(audio) == MAX_DECODE_BYTES and audio.endswith(own)
+    utterance.own_from = 0  # its own audio is never cut (whisper reads its first 30 s, as before)
+    assert utterance.decode_audio() == before + own
+
+
+def test_speech_after_rejoin_ms_is_a_request_of_its_own(say):
+    pcm = silence(500) + say("What is the capital") + silence(900) + say("of Peru?") + silence(1500)
+    recognizer = Scripted(["What is the capital?", "Of Peru?"])
+    starts = of(run(recognizer, pcm, rejoin_ms=400), SpeechStarted)
+    assert len(starts) == 2 and starts[1].rejoins == 0
+    # nor does speech go on from an utterance in which nothing was heard (a cough, a door)
+    recognizer = Scripted(["", "Of Peru?"])
+    events = run(recognizer, pcm, rejoin_ms=1500)
+    starts, [no_match] = of(events, SpeechStarted), of(events, NoMatch)
+    assert len(starts) == 2 and no_match.utterance == starts[0].utterance and starts[1].rejoins == 0
 
 
 def test_words_that_end_mid_phrase_lengthen_the_window(say):

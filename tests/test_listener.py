@@ -14,6 +14,7 @@ from voicebus.workers.asr.base import Transcript
 from voicebus.workers.audio import write_wav
 from voicebus.workers.kinds import LlmAccepted, LlmDone, PlayReady, PlayStart, TurnMetrics
 from voicebus.workers.listener import Listener
+from voicebus.workers.stop_phrases import StopPhrases
 
 from conftest import wait_for
 from support.voices import steady_piper
@@ -112,6 +113,72 @@ def test_the_turn_ends_once_the_answer_to_its_guess_is_ready(run_listener, make_
     end = next(e for e in seen if e.kind == "vad.end")
     assert end.turn == guess.turn and not [e for e in seen if e.kind in ("asr.revoke", "vad.start")]
     assert end.ts - ready_at < 0.5 and seen[-1].body.guess == guess.body.rev
+
+
+@pytest.fixture(scope="module")
+def cut_short(tmp_path_factory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("audio")
+    return {"going on": speech(folder / "france.wav", [0.5, "What is the capital of", 0.9, "France?", 2.0]),
+            "stopping": speech(folder / "stop.wav", [0.5, "What is the capital of France?", 0.9, "Stop.", 2.0]),
+            "bus stop": speech(folder / "bus.wav", [0.5, "Where is the nearest bus", 0.9, "stop?", 2.0])}
+
+
+def _two_turns(run_listener, make_client, wav: Path, rejoin_ms: int) -> tuple[list, list]:
+    """(vad.start, asr.final) of both turns of ``wav``, whose pause ends the first turn (a false cut-off)."""
+    client = make_client("test", subscribe=("vad.start", "asr.final", "ctl.interrupt"))
+    run_listener(wav, fast=False, **{"vad.adaptive": False, "vad.silence_ms": 400, "vad.hold_ms": 0,
+                                     "vad.rejoin_ms": rejoin_ms})
+    finals: dict[int, object] = {}
+    seen = collect_until(client, lambda e: e.kind == "asr.final" and finals.setdefault(e.turn, e.body) and
+                         len(finals) == 2, timeout=90)
+    starts = [e for e in seen if e.kind == "vad.start"]
+    assert len(starts) == 2 and list(finals) == [e.turn for e in starts]
+    # Either way the first turn is over: the person spoke again before it was answered.
+    assert starts[0].turn in [e.turn for e in seen if e.kind == "ctl.interrupt"]
+    return starts, [finals[e.turn] for e in starts]
+
+
+@pytest.mark.parametrize("rejoin_ms", [1500, 0])
+def test_going_on_soon_after_a_turn_ended_is_heard_with_it(run_listener, make_client, cut_short, rejoin_ms):
+    starts, finals = _two_turns(run_listener, make_client, cut_short["going on"], rejoin_ms)
+    second = finals[1].text.lower()
+    if rejoin_ms:
+        assert starts[1].body.rejoins == starts[0].turn
+        assert "capital" in second and "france" in second, finals  # the whole request, from the audio of both
+    else:
+        assert starts[1].body.rejoins == 0 and "capital" not in second, finals
+
+
+def test_a_stop_phrase_going_on_from_a_turn_is_heard_as_the_stop_phrase(run_listener, make_client, cut_short):
+    starts, finals = _two_turns(run_listener, make_client, cut_short["stopping"], 1500)
+    assert starts[1].body.rejoins == starts[0].turn
+    assert finals[1].text.strip(" .!").lower() == "stop", finals  # not "What is the capital of France? Stop."
+
+
+def test_a_question_that_goes_on_to_the_word_stop_does_not_end_the_conversation(run_listener, make_client,
+                                                                                  cut_short):
+    # Joined, whisper writes "Where's the nearest bus? Stop.": a stop is decided on the new audio alone.
+    starts, finals = _two_turns(run_listener, make_client, cut_short["bus stop"], 1500)
+    assert starts[1].body.rejoins == starts[0].turn and "bus" in finals[1].text.lower(), finals
+    assert not StopPhrases(("stop", "goodbye", "bye")).matches(finals[1].text), finals
+
+
+def test_fast_does_not_rejoin_a_turn_that_is_over(run_listener, make_client, tmp_path):
+    # Read --fast, the second question waits until the first is answered: it is a request of its own.
+    wav = speech(tmp_path / "two.wav", [0.5, "What is two plus two?", 1.0, "What is the capital of France?", 2.0])
+    client = make_client("thinker", subscribe=("vad.start", "asr.final", "ctl.interrupt", "audio.end"))
+    run_listener(wav, **{"vad.adaptive": False, "vad.silence_ms": 500, "vad.rejoin_ms": 1500})
+
+    def answer(env) -> bool:
+        if env.kind == "asr.final":  # nothing to say: the turn is over at once
+            client.publish(LlmDone(finish_reason="stop", sentences=0, text="ok"), turn=env.turn)
+        return env.kind == "audio.end"
+
+    seen = collect_until(client, answer, timeout=120)
+    starts = [e for e in seen if e.kind == "vad.start"]
+    assert len(starts) == 2 and starts[1].body.rejoins == 0, [e.body for e in starts]
+    assert not [e for e in seen if e.kind == "ctl.interrupt"]
+    assert "plus" not in next(e.body.text for e in seen if e.kind == "asr.final" and e.turn == starts[1].turn)
 
 
 def test_a_hold_in_vain_stops_holding_until_an_answer_is_announced_again(run_listener, make_client, two_questions):

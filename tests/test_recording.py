@@ -314,6 +314,18 @@ def test_show_prints_messages_like_tap_and_each_turns_waterfall():
     assert "· text · heard 'What is two plus two?'" in only.stdout and "after the request" in only.stdout
 
 
+def test_a_turn_that_goes_on_from_another_says_so_in_its_waterfall():
+    from voicebus.cli.show import _Builder, waterfall
+    from voicebus.engine.messages import Envelope
+    from voicebus.workers.kinds import VadStart
+
+    builder = _Builder()
+    builder.add(0.0, Envelope(kind="vad.start", src="listener@h:1", seq=1, turn=11, body=VadStart(offset_ms=500)))
+    builder.add(1.9, Envelope(kind="vad.start", src="listener@h:1", seq=2, turn=12, body=VadStart(offset_ms=2400, rejoins=11)))
+    first, second = (waterfall(builder.turns[turn]) for turn in (11, 12))
+    assert "goes on from turn 11" in "\n".join(second) and "goes on" not in "\n".join(first)
+
+
 @pytest.mark.parametrize("args", [[], ["--json"]], ids=["text", "json"])
 def test_show_into_a_reader_that_stops_early_says_nothing(args):
     """`voicebus show FILE | head`: "ConnectionError: [Errno 32] Broken pipe", or a silent exit 1."""

@@ -25,6 +25,13 @@ def test_normalize_and_spoken_part():
         assert stops.matches(said), said
     for said in ("How do I stop a nosebleed?", "Stop the music.", "Say goodbye to my sister.", "", "Please."):
         assert not stops.matches(said), said
+    # what a turn that rejoins the one before asks, when it ends on a stop phrase of its own
+    assert stops.closing("What is the capital of France? Stop.") == "Stop."
+    assert stops.closing("Tell me the weather. Okay, goodbye!") == "Okay, goodbye!"
+    assert stops.closing("Goodbye!") == "Goodbye!"
+    assert stops.closing("Tell me a joke. Stop. Thank you.") == "Stop. Thank you."
+    for said in ("What is the capital? Stop the music.", "Stop. What is the capital?", "How do I stop?", ""):
+        assert stops.closing(said) is None, said
     sentences = ["One two three four.", "Five six seven eight."]
     assert spoken_part(sentences, 1, 500, 1000) == "One two three four. Five six…"
     assert spoken_part(sentences, 0, 0, 1000) == ""

@@ -63,6 +63,10 @@ class VadSettings:
     """(speculate) the turn ends no sooner than the answer to the guess is ready to play, up to this much
     silence: ending it sooner plays nothing sooner, and someone who only paused can go on (workers/hearing.py);
     0 = end on the words' window alone"""
+    rejoin_ms: int = 1500
+    """(whisper) speech that starts this soon after the end of the person's last utterance goes on with it: the
+    turn that ended too soon is barged in on, and the new one is transcribed and answered with the words before
+    it ("What is the capital?" + "Peru?" is heard as "What is the capital of Peru?"); 0 = never"""
     preroll_ms: int = 300
     min_speech_ms: int = 200
     background_db: float = 0.0

@@ -32,10 +32,22 @@ words' window stays the least. Ending the turn sooner would make nothing play
 sooner, since the answer is not there yet; waiting lets a person who only paused
 go on speaking, which revokes the guess instead of getting an answer to half a
 question.
+
+With ``rejoin_ms``, a person who goes on speaking soon after their turn ended
+(within ``rejoin_ms`` of where its speech stopped, while that turn is still open:
+``rejoinable``) is taken to go on with the same request: the new utterance is
+transcribed with the ended one's audio in front of it (batch recognizers). The
+turn that ended too soon is still over (its answer is barged in on), but the new
+one hears the whole request — "What is the capital of" + "Peru?" — rather than
+a last half that makes no sense alone. Some words must come from the new audio
+alone: a rejoined final whose words ``read_alone`` picks (the listener's: words
+that end on a stop phrase, for "Where is the bus … stop?" must not end the
+conversation) is also transcribed without the words before it (``Final.alone``).
 """
 
 from __future__ import annotations
 
+import functools
 import sys
 import threading
 import time
@@ -49,6 +61,13 @@ from voicebus.workers.turn_end import EndOfTurn
 from voicebus.workers.vad import MAX_SILENCE_MS, Endpointer, SpeechEnd, SpeechPause, SpeechResume, SpeechStart
 
 
+MAX_REJOINED_BYTES = 10 * 32000
+"""The most audio (10 s) an utterance passes on to one that rejoins it (a request cut short is a few seconds)."""
+MAX_DECODE_BYTES = 28 * 32000
+"""Whisper reads 30 s at most (less its padding): a rejoining utterance longer than that gives up the front of
+what it took over, never its own audio."""
+
+
 # --- events -----------------------------------------------------------------------------------
 
 
@@ -56,6 +75,8 @@ from voicebus.workers.vad import MAX_SILENCE_MS, Endpointer, SpeechEnd, SpeechPa
 class SpeechStarted:
     utterance: int
     offset_ms: int
+    rejoins: int = 0
+    """the utterance this one goes on from (its audio comes first in every decode); 0: none"""
 
 
 @dataclass(frozen=True)
@@ -101,6 +122,9 @@ class Final:
     """the guess this final confirms (0: none; then any published guess is void)"""
     decode_s: float
     """recognizer time spent on the decode that gave this result"""
+    alone: str | None = None
+    """(an utterance that rejoins another, when ``read_alone`` picked its words) the transcript of its own audio,
+    without the words before it"""
 
 
 @dataclass(frozen=True)
@@ -161,6 +185,23 @@ class _Utterance:
     """a rev whose pause's decode failed: the end decodes the whole utterance again"""
     end_rev: int = 0
     """the rev of the decode the end queued itself (when that fails, nothing is left to try)"""
+    own_from: int = 0
+    """where its own audio begins in ``audio`` (after the audio of the utterance it rejoins)"""
+
+    def decode_audio(self) -> bytes:
+        """What a decode reads: all of it, but no more than whisper can, giving up the front of what it took over."""
+        excess = max(0, len(self.audio) - MAX_DECODE_BYTES)
+        return bytes(self.audio[min(excess, self.own_from) :])
+
+
+@dataclass(frozen=True)
+class _Ending:
+    """An ended utterance, kept for the one after it to rejoin (``rejoin_ms``)."""
+
+    number: int
+    end_ms: int
+    """where its speech stopped"""
+    audio: bytes
 
 
 class Hearing:
@@ -182,13 +223,22 @@ class Hearing:
         hold_ms: int = 0,
         answered: Callable[[str], bool] | None = None,
         message_end: Callable[[str], float] | None = None,
+        rejoin_ms: int = 0,
+        rejoinable: Callable[[int], bool] | None = None,
+        read_alone: Callable[[str], bool] | None = None,
     ) -> None:
         """``hold_ms``: the longest silence that waits for a guess's answer (0: none; see the module doc);
         ``answered``: whether an answer to these guessed words will be prepared and announced;
         ``message_end``: the log-probability that a message ends with these words (``workers/llm/message_end``),
-        asked on the decode thread at each pause whose words read complete (batch recognizers only)."""
+        asked on the decode thread at each pause whose words read complete (batch recognizers only);
+        ``rejoin_ms``: speech starting this soon after an utterance's speech stopped goes on with it (see the
+        module doc; 0: never), if ``rejoinable(that utterance)`` (its turn is still open; called on the audio
+        thread, without this object's lock); ``read_alone``: whether a rejoining utterance's final words need its
+        own audio transcribed alone too (``Final.alone``)."""
         if not 0 <= hold_ms <= MAX_SILENCE_MS:
             raise ConfigError(f"vad.hold_ms must be between 0 and {MAX_SILENCE_MS}, got {hold_ms}")
+        if not 0 <= rejoin_ms <= MAX_SILENCE_MS:
+            raise ConfigError(f"vad.rejoin_ms must be between 0 and {MAX_SILENCE_MS}, got {rejoin_ms}")
         self.recognizer = recognizer
         self.batch = hasattr(recognizer, "transcribe")
         self.vad = endpointer
@@ -199,6 +249,12 @@ class Hearing:
         self._answered = answered or (lambda text: True)
         self._message_end = message_end if self.batch else None  # (a streaming guess is on the audio thread)
         self._message_end_failed = False
+        self.rejoin_ms = rejoin_ms if self.batch else 0  # (a streaming recognizer has heard it already)
+        self._rejoinable = rejoinable or (lambda number: True)
+        self._read_alone = read_alone
+        self._last_ended: _Ending | None = None
+        self._after: list[Callable[[], None]] = []
+        """work for the decode thread other than a decode of a pause (a rejoined final read alone)"""
         self._lock = threading.Lock()
         self._current: _Utterance | None = None
         self._count = 0
@@ -255,11 +311,17 @@ class Hearing:
 
     def _started(self, event: SpeechStart) -> None:
         with self._lock:
+            before, self._last_ended = self._last_ended, None
             self._ignoring = False
             self._count += 1
             utterance = self._current = _Utterance(self._count, event.offset_ms)
+        rejoined = (before is not None and event.offset_ms - before.end_ms <= self.rejoin_ms
+                    and self._rejoinable(before.number))
+        if rejoined:
+            utterance.audio += before.audio  # (this thread alone adds audio; decodes start at its pauses)
+            utterance.own_from = len(before.audio)
         self.vad.silence_ms = self.end_of_turn.window_ms(None)
-        self.emit(SpeechStarted(utterance.number, event.offset_ms))
+        self.emit(SpeechStarted(utterance.number, event.offset_ms, before.number if rejoined else 0))
         if not self.batch:
             self.recognizer.begin()  # type: ignore[union-attr]
         for frame in event.preroll:
@@ -276,7 +338,7 @@ class Hearing:
             if self.batch:
                 # Latest wins: a queued decode of an older pause is no longer wanted.
                 self._jobs = [j for j in self._jobs if j[0] is not utterance]
-                self._jobs.append((utterance, rev, bytes(utterance.audio)))
+                self._jobs.append((utterance, rev, utterance.decode_audio()))
                 self._wake.notify()
             utterance.pause_offsets[rev] = event.offset_ms
         if self.batch:
@@ -306,6 +368,9 @@ class Hearing:
         with self._lock:
             in_vain = utterance.holding != 0  # (a resumption clears it: still set, it was this pause's)
         ended = Ended(utterance.number, event.offset_ms, event.speech_ms, self.vad.silence_ms, in_vain)
+        if self.rejoin_ms and len(utterance.audio) <= MAX_REJOINED_BYTES:
+            with self._lock:
+                self._last_ended = _Ending(utterance.number, event.offset_ms, bytes(utterance.audio))
         self.emit(ended)
         if not self.batch:
             self._finalize_streaming(utterance)
@@ -331,15 +396,34 @@ class Hearing:
         self._finalize(utterance, 0, result, time.perf_counter() - started)
 
     def _finalize(self, utterance: _Utterance, rev: int, result: Transcript, decode_s: float) -> None:
+        text = result.text.strip()
         with self._lock:
             if utterance.finalized:
                 return
             utterance.finalized = True
-        text = result.text.strip()
+            if not text:
+                self._forget(utterance)
+            alone = text and utterance.own_from and self._read_alone is not None and self._read_alone(text)
+            if alone:  # (on the decode thread: this may be the audio thread)
+                self._after.append(lambda: self._final_read_alone(utterance, rev, result, decode_s))
+                self._wake.notify()
         if not text:
             self.emit(NoMatch(utterance.number, "no speech recognized", guess=rev))
-        else:
+        elif not alone:
             self.emit(Final(utterance.number, text, result.confidence, rev, decode_s))
+
+    def _final_read_alone(self, utterance: _Utterance, rev: int, result: Transcript, decode_s: float) -> None:
+        """(decode thread) The final of a rejoining utterance, with its own audio's words (see ``read_alone``)."""
+        try:
+            alone = self._transcribe(bytes(utterance.audio[utterance.own_from :])).text.strip()
+        except Exception:  # noqa: BLE001  (whatever failed, the joined words stand: not read alone is not a stop)
+            alone = ""
+        self.emit(Final(utterance.number, result.text.strip(), result.confidence, rev, decode_s, alone=alone))
+
+    def _forget(self, utterance: _Utterance) -> None:
+        """(with the lock held) Nothing was heard in this utterance (a cough, a door): nothing to go on from."""
+        if self._last_ended is not None and self._last_ended.number == utterance.number:
+            self._last_ended = None
 
     def _guessed(self, utterance: _Utterance, rev: int, result: Transcript, decode_s: float = 0.0) -> None:
         """A guess is ready: publish it if its pause still lasts and let it set the silence window,
@@ -402,17 +486,20 @@ class Hearing:
     def _decode_loop(self) -> None:
         while True:
             with self._lock:
-                while not self._jobs and not self._closed:
+                while not self._jobs and not self._after and not self._closed:
                     self._wake.wait()
                 if self._closed:
                     return
-                utterance, rev, pcm = self._jobs.pop(0)
-                wanted = utterance.paused_rev == rev and not utterance.finalized
-                self._busy = wanted
-            if not wanted:
-                continue  # speech resumed before this decode started
+                if self._after:
+                    work = self._after.pop(0)
+                else:
+                    utterance, rev, pcm = self._jobs.pop(0)
+                    if not (utterance.paused_rev == rev and not utterance.finalized):
+                        continue  # speech resumed before this decode started
+                    work = functools.partial(self._decode_job, utterance, rev, pcm)
+                self._busy = True
             try:
-                self._decode_job(utterance, rev, pcm)
+                work()
             finally:
                 with self._lock:
                     self._busy = False
@@ -435,6 +522,8 @@ class Hearing:
                     self._decode_all(utterance)
                 final = ended and not retry
                 utterance.finalized |= final
+                if final:
+                    self._forget(utterance)
             if final:
                 self.emit(NoMatch(utterance.number, f"error: {error.code}: {error}", error=error))
             return
@@ -444,7 +533,7 @@ class Hearing:
         """(with the lock held) Queue the whole of an ended utterance for its final decode."""
         utterance.rev += 1
         utterance.paused_rev = utterance.end_rev = utterance.rev
-        self._jobs.append((utterance, utterance.rev, bytes(utterance.audio)))
+        self._jobs.append((utterance, utterance.rev, utterance.decode_audio()))
         self._wake.notify()
 
     def _transcribe(self, pcm: bytes) -> Transcript:
@@ -456,13 +545,13 @@ class Hearing:
     def decoding(self) -> bool:
         """A decode is queued or running."""
         with self._lock:
-            return bool(self._jobs) or self._busy
+            return bool(self._jobs or self._after) or self._busy
 
     def drain(self, timeout: float = 30.0) -> None:
         """Wait until every ended utterance has its final (the end of an input)."""
         deadline = time.monotonic() + timeout
         with self._lock:
-            while self._jobs or self._busy:
+            while self._jobs or self._after or self._busy:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     return

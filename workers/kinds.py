@@ -60,6 +60,9 @@ class AudioEnd(Body, kind="audio.end"):
 class VadStart(Body, kind="vad.start"):
     offset_ms: int
     """where speech began, in the input stream's own time"""
+    rejoins: int = 0
+    """the turn this speech goes on from (it began within vad.rejoin_ms of that turn's end): its transcript
+    holds that turn's words too, and that turn is barged in on; 0: a new request"""
 
 
 @dataclass(frozen=True, kw_only=True)

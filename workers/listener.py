@@ -72,6 +72,8 @@ class Listener(Actor):
         self._lock = threading.Lock()
         self._turns: dict[int, int] = {}
         """utterance number → turn id"""
+        self._last_utterance = (0, 0)
+        """(utterance number, turn id) of the last utterance begun: the one a new one may rejoin"""
         self._cut_short: set[int] = set()
         """turns whose transcript was still being made when the user spoke again: interrupted on arrival"""
         self._guesses: dict[int, tuple[int, str]] = {}
@@ -136,6 +138,8 @@ class Listener(Actor):
             # (audio.fast reads a file faster than real time: nobody waits, and the hold would be stream time)
             hold_ms=vad.hold_ms if vad.speculate and not audio.fast else 0, answered=self._answer_coming,
             message_end=self._message_end.logprob if self._message_end is not None else None,
+            rejoin_ms=vad.rejoin_ms, rejoinable=self._still_open,
+            read_alone=lambda text: self._stop_phrases.closing(text) is not None,
         )
         self._recognizer = recognizer
         self._thread = threading.Thread(target=self._listen, name="listener-audio", daemon=True)
@@ -173,6 +177,21 @@ class Listener(Actor):
         """Whether the thinker and speaker will prepare (and announce) an answer to these guessed words:
         the thinker does not answer a stop phrase, and without a speaker nothing is announced."""
         return self._answers_announced and not self._stop_phrases.matches(text)
+
+    def _still_open(self, utterance: int) -> bool:
+        """Whether that utterance's turn is still open (being transcribed, or its answer not over): speech that
+        goes on from it soon enough rejoins it (``Hearing``'s rejoin_ms); a turn that is over is not asked again."""
+        number, turn = self._last_utterance
+        with self._lock:
+            return utterance in self._turns or (utterance == number and turn in self.redelivery)
+
+    def _asked(self, final: Final) -> str:
+        """What a final asks: its words, or a stop phrase said after the words it rejoined, as heard alone
+        ("What is the capital? Stop." asks to stop; "Where is the bus … stop?" heard alone is "stop?", and asks
+        about buses)."""
+        if final.alone is not None and self._stop_phrases.matches(final.alone):
+            return final.alone
+        return final.text
 
     @handles("metrics.turn")
     def on_turn_finished(self, env: Envelope) -> None:
@@ -369,7 +388,9 @@ class Listener(Actor):
         self._turns[event.utterance] = turn
         self._progress.utterances += 1
         self._last_turn = turn
-        self.bus.publish(VadStart(offset_ms=self._base_ms + event.offset_ms), turn=turn)
+        before, self._last_utterance = self._last_utterance, (event.utterance, turn)
+        rejoins = before[1] if event.rejoins and event.rejoins == before[0] else 0
+        self.bus.publish(VadStart(offset_ms=self._base_ms + event.offset_ms, rejoins=rejoins), turn=turn)
 
     def _speech_ended(self, event: Ended, turn: int) -> None:
         assert self.hearing is not None
@@ -388,8 +409,9 @@ class Listener(Actor):
         now = time.time()
         ended, vad_end, speech_end = self._ended.pop(event.utterance, (None, now, now))
         guess_rev, guess_text = self._guesses.pop(event.utterance, (0, ""))
+        text = self._asked(event) if isinstance(event, Final) else ""
         # A guess is confirmed only by a final of exactly its words; anything else makes it void.
-        confirms = guess_rev if isinstance(event, Final) and event.text == guess_text else 0
+        confirms = guess_rev if isinstance(event, Final) and text == guess_text else 0
         timings = {"speech_end": speech_end, "vad_end": vad_end, "final": now, "asr_s": now - vad_end}
         if ended is not None:
             timings["silence_window_s"] = ended.silence_ms / 1000
@@ -405,7 +427,7 @@ class Listener(Actor):
             self._save_progress()
             return
         timings["decode_s"] = event.decode_s
-        body = AsrFinal(text=event.text, confidence=event.confidence, timings=timings, guess=confirms)
+        body = AsrFinal(text=text, confidence=event.confidence, timings=timings, guess=confirms)
         self._progress.heard_any = True
         self.redelivery.sent(turn, body, time.monotonic())
         self._turns.pop(event.utterance, None)  # (after: the turn is open throughout, see _turn_open)

@@ -19,6 +19,10 @@ FILLER = frozenset(
 """Words that may stand around a stop phrase without changing what it asks."""
 
 
+_SENTENCES = re.compile(r"(?<=[.!?])\s+")
+"""Where one sentence of a transcript ends and the next begins."""
+
+
 def normalize(text: str) -> str:
     """Lower case, punctuation dropped, spaces folded."""
     return " ".join(re.sub(r"[^\w\s']", " ", text.lower()).split())
@@ -40,3 +44,13 @@ class StopPhrases:
     def matches(self, text: str) -> bool:
         core = _core(text)
         return bool(core) and core in self.phrases
+
+    def closing(self, text: str) -> str | None:
+        """The stop phrase ``text`` ends with, in sentences of its own ("What is it? Stop.", "… Stop. Thank
+        you."), or all of ``text`` if it is one; None if neither."""
+        sentences = _SENTENCES.split(text.strip())
+        for first in range(len(sentences)):
+            tail = " ".join(sentences[first:])
+            if self.matches(tail):
+                return tail
+        return None
