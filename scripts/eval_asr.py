@@ -364,6 +364,10 @@ class Ear:
         self.backend = settings.asr.backend
         self.recognizer = backends.open_recognizer(settings)
         self.message_end = backends.open_message_end(settings)
+        from voicebus.workers.stop_phrases import StopPhrases
+
+        self.stops = StopPhrases(settings.llm.stop_phrases)
+        """(the listener's: a stop phrase after the words an utterance rejoined is decided on its own audio)"""
 
     def hear(self, pcm: bytes, *, realtime: bool) -> ClipHeard:
         """Feed one clip of 16 kHz mono int16 ``pcm``; ``realtime`` delivers a frame every 20 ms."""
@@ -390,7 +394,8 @@ class Ear:
                 ends[event.utterance] = (event.offset_ms, now)
             elif isinstance(event, (Final, NoMatch)):
                 end_ms, vad_end_t = ends.get(event.utterance, (0, now))
-                result = Heard(event.text.strip() if isinstance(event, Final) else "",
+                text = self.stops.asked(event.text, event.alone).strip() if isinstance(event, Final) else ""
+                result = Heard(text,
                                starts.get(event.utterance, 0), end_ms, vad_end_t, now, forced_end=input_over)
                 out.heard.append(result)
                 by_utterance[event.utterance] = result
@@ -401,6 +406,7 @@ class Ear:
 
         hearing = Hearing(_Timed(self.recognizer, out), endpointer_for(vad), heard,
                           end_of_turn=EndOfTurn.from_settings(vad), rejoin_ms=vad.rejoin_ms,
+                          read_alone=lambda text: self.stops.closing(text) is not None,
                           message_end=self.message_end.logprob if self.message_end is not None else None)
         frame_bytes = FRAME * 2
         padded = pcm + bytes(-len(pcm) % frame_bytes)

@@ -185,14 +185,6 @@ class Listener(Actor):
         with self._lock:
             return utterance in self._turns or (utterance == number and turn in self.redelivery)
 
-    def _asked(self, final: Final) -> str:
-        """What a final asks: its words, or a stop phrase said after the words it rejoined, as heard alone
-        ("What is the capital? Stop." asks to stop; "Where is the bus … stop?" heard alone is "stop?", and asks
-        about buses)."""
-        if final.alone is not None and self._stop_phrases.matches(final.alone):
-            return final.alone
-        return final.text
-
     @handles("metrics.turn")
     def on_turn_finished(self, env: Envelope) -> None:
         with self._lock:
@@ -409,7 +401,8 @@ class Listener(Actor):
         now = time.time()
         ended, vad_end, speech_end = self._ended.pop(event.utterance, (None, now, now))
         guess_rev, guess_text = self._guesses.pop(event.utterance, (0, ""))
-        text = self._asked(event) if isinstance(event, Final) else ""
+        # (a stop phrase said after the words it rejoined is decided on its own audio: "Where is the bus … stop?")
+        text = self._stop_phrases.asked(event.text, event.alone) if isinstance(event, Final) else ""
         # A guess is confirmed only by a final of exactly its words; anything else makes it void.
         confirms = guess_rev if isinstance(event, Final) and text == guess_text else 0
         timings = {"speech_end": speech_end, "vad_end": vad_end, "final": now, "asr_s": now - vad_end}

@@ -45,6 +45,11 @@ class StopPhrases:
         core = _core(text)
         return bool(core) and core in self.phrases
 
+    def asked(self, words: str, alone: str | None) -> str:
+        """What an utterance asks: its ``words``, or the stop phrase its own audio says ``alone`` — heard without
+        the words of the utterance it goes on from (``Final.alone``, ``workers/hearing.py``)."""
+        return alone if alone is not None and self.matches(alone) else words
+
     def closing(self, text: str) -> str | None:
         """The stop phrase ``text`` ends with, in sentences of its own ("What is it? Stop.", "… Stop. Thank
         you."), or all of ``text`` if it is one; None if neither."""
