@@ -336,6 +336,24 @@ def test_a_failed_decode_at_a_pause_is_decoded_again_at_the_end(say, error, real
     assert len(recognizer.calls) == 3  # the first utterance twice: at its pause, again at its end
 
 
+def test_a_retried_decode_keeps_its_final_ahead_of_the_next_utterances(say):
+    """Found in review: the retry of a failed pause decode was queued behind the next utterance's decode, so
+    the next utterance's final came first (and the thinker's history with it)."""
+
+    class SlowFirst(FailingAt):
+        def transcribe(self, pcm: bytes) -> Transcript:
+            if not self.calls:
+                time.sleep(1.0)  # fed faster than real time (as --fast): both utterances end meanwhile
+            return super().transcribe(pcm)
+
+    pcm = silence(500) + say("Tell me a joke.") + silence(1600) + say("Hello there.") + silence(2000)
+    recognizer = SlowFirst(["", "Tell me a joke.", "Hello there.", "Hello there."], {1}, RuntimeError("no"))
+    events = run(recognizer, pcm, realtime=False)
+    finals = [e for e in (e for _, e in events) if isinstance(e, (Final, NoMatch))]
+    assert [f.utterance for f in finals] == [1, 2], finals
+    assert finals[0].text == "Tell me a joke.", finals
+
+
 def test_a_decode_that_fails_again_at_the_end_is_a_no_match_that_says_why(say):
     question = silence(500) + say("What is the capital of France?") + silence(1500)
     events = run(FailingAt(["What is the capital of France?"], {1, 2}, RuntimeError("CTranslate2 says no")), question)

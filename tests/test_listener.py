@@ -14,7 +14,6 @@ from voicebus.workers.asr.base import Transcript
 from voicebus.workers.audio import write_wav
 from voicebus.workers.kinds import LlmAccepted, LlmDone, PlayReady, PlayStart, TurnMetrics
 from voicebus.workers.listener import Listener
-from voicebus.workers.stop_phrases import StopPhrases
 
 from conftest import wait_for
 from support.voices import steady_piper
@@ -119,8 +118,7 @@ def test_the_turn_ends_once_the_answer_to_its_guess_is_ready(run_listener, make_
 def cut_short(tmp_path_factory) -> dict[str, Path]:
     folder = tmp_path_factory.mktemp("audio")
     return {"going on": speech(folder / "france.wav", [0.5, "What is the capital of", 0.9, "France?", 2.0]),
-            "stopping": speech(folder / "stop.wav", [0.5, "What is the capital of France?", 0.9, "Stop.", 2.0]),
-            "bus stop": speech(folder / "bus.wav", [0.5, "Where is the nearest bus", 0.9, "stop?", 2.0])}
+            "stopping": speech(folder / "stop.wav", [0.5, "What is the capital of France?", 0.9, "Stop.", 2.0])}
 
 
 def _two_turns(run_listener, make_client, wav: Path, rejoin_ms: int) -> tuple[list, list]:
@@ -153,14 +151,6 @@ def test_a_stop_phrase_going_on_from_a_turn_is_heard_as_the_stop_phrase(run_list
     starts, finals = _two_turns(run_listener, make_client, cut_short["stopping"], 1500)
     assert starts[1].body.rejoins == starts[0].turn
     assert finals[1].text.strip(" .!").lower() == "stop", finals  # not "What is the capital of France? Stop."
-
-
-def test_a_question_that_goes_on_to_the_word_stop_does_not_end_the_conversation(run_listener, make_client,
-                                                                                  cut_short):
-    # Joined, whisper writes "Where's the nearest bus? Stop.": a stop is decided on the new audio alone.
-    starts, finals = _two_turns(run_listener, make_client, cut_short["bus stop"], 1500)
-    assert starts[1].body.rejoins == starts[0].turn and "bus" in finals[1].text.lower(), finals
-    assert not StopPhrases(("stop", "goodbye", "bye")).matches(finals[1].text), finals
 
 
 def test_fast_does_not_rejoin_a_turn_that_is_over(run_listener, make_client, tmp_path):

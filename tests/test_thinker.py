@@ -32,6 +32,10 @@ def test_normalize_and_spoken_part():
     assert stops.closing("Tell me a joke. Stop. Thank you.") == "Stop. Thank you."
     for said in ("What is the capital? Stop the music.", "Stop. What is the capital?", "How do I stop?", ""):
         assert stops.closing(said) is None, said
+    # ... and decided on its own audio, heard alone ("Where is the bus … stop?" joined: "…bus? Stop.")
+    assert stops.asked("Where's the nearest bus? Stop.", "Start.") == "Where's the nearest bus? Stop."
+    assert stops.asked("What is the capital of France? Stop.", "Stop.") == "Stop."
+    assert stops.asked("What is the capital of France?", None) == "What is the capital of France?"
     sentences = ["One two three four.", "Five six seven eight."]
     assert spoken_part(sentences, 1, 500, 1000) == "One two three four. Five six…"
     assert spoken_part(sentences, 0, 0, 1000) == ""

@@ -193,6 +193,10 @@ class _Utterance:
         excess = max(0, len(self.audio) - MAX_DECODE_BYTES)
         return bytes(self.audio[min(excess, self.own_from) :])
 
+    def own_audio(self) -> bytes:
+        """Its own audio, without what it took over from the utterance it rejoins."""
+        return bytes(self.audio[self.own_from :])
+
 
 @dataclass(frozen=True)
 class _Ending:
@@ -232,9 +236,10 @@ class Hearing:
         ``message_end``: the log-probability that a message ends with these words (``workers/llm/message_end``),
         asked on the decode thread at each pause whose words read complete (batch recognizers only);
         ``rejoin_ms``: speech starting this soon after an utterance's speech stopped goes on with it (see the
-        module doc; 0: never), if ``rejoinable(that utterance)`` (its turn is still open; called on the audio
-        thread, without this object's lock); ``read_alone``: whether a rejoining utterance's final words need its
-        own audio transcribed alone too (``Final.alone``)."""
+        module doc; 0: never), if ``rejoinable(that utterance)`` (its turn is still open); ``read_alone``:
+        whether a rejoining utterance's final words need its own audio transcribed alone too (``Final.alone``).
+        Both are called without this object's lock, ``rejoinable`` on the audio thread, ``read_alone`` on
+        either."""
         if not 0 <= hold_ms <= MAX_SILENCE_MS:
             raise ConfigError(f"vad.hold_ms must be between 0 and {MAX_SILENCE_MS}, got {hold_ms}")
         if not 0 <= rejoin_ms <= MAX_SILENCE_MS:
@@ -339,7 +344,7 @@ class Hearing:
                 # Latest wins: a queued decode of an older pause is no longer wanted.
                 self._jobs = [j for j in self._jobs if j[0] is not utterance]
                 self._jobs.append((utterance, rev, utterance.decode_audio()))
-                self._wake.notify()
+                self._wake.notify_all()
             utterance.pause_offsets[rev] = event.offset_ms
         if self.batch:
             self.vad.silence_ms = self.end_of_turn.waiting_ms()  # until the guess says how long to wait
@@ -403,10 +408,11 @@ class Hearing:
             utterance.finalized = True
             if not text:
                 self._forget(utterance)
-            alone = text and utterance.own_from and self._read_alone is not None and self._read_alone(text)
-            if alone:  # (on the decode thread: this may be the audio thread)
+        alone = bool(text) and utterance.own_from > 0 and self._read_alone is not None and self._read_alone(text)
+        if alone:
+            with self._lock:  # (on the decode thread: this may be the audio thread)
                 self._after.append(lambda: self._final_read_alone(utterance, rev, result, decode_s))
-                self._wake.notify()
+                self._wake.notify_all()
         if not text:
             self.emit(NoMatch(utterance.number, "no speech recognized", guess=rev))
         elif not alone:
@@ -414,10 +420,12 @@ class Hearing:
 
     def _final_read_alone(self, utterance: _Utterance, rev: int, result: Transcript, decode_s: float) -> None:
         """(decode thread) The final of a rejoining utterance, with its own audio's words (see ``read_alone``)."""
+        started = time.perf_counter()
         try:
-            alone = self._transcribe(bytes(utterance.audio[utterance.own_from :])).text.strip()
+            alone = self._transcribe(utterance.own_audio()).text.strip()
         except Exception:  # noqa: BLE001  (whatever failed, the joined words stand: not read alone is not a stop)
             alone = ""
+        decode_s += time.perf_counter() - started
         self.emit(Final(utterance.number, result.text.strip(), result.confidence, rev, decode_s, alone=alone))
 
     def _forget(self, utterance: _Utterance) -> None:
@@ -530,11 +538,13 @@ class Hearing:
         self._guessed(utterance, rev, result, time.perf_counter() - started)
 
     def _decode_all(self, utterance: _Utterance) -> None:
-        """(with the lock held) Queue the whole of an ended utterance for its final decode."""
+        """(with the lock held) Queue the whole of an ended utterance for its final decode, ahead of any later
+        utterance's (a retry comes after the next one has begun: its final must not come first)."""
         utterance.rev += 1
         utterance.paused_rev = utterance.end_rev = utterance.rev
-        self._jobs.append((utterance, utterance.rev, utterance.decode_audio()))
-        self._wake.notify()
+        at = next((i for i, job in enumerate(self._jobs) if job[0].number > utterance.number), len(self._jobs))
+        self._jobs.insert(at, (utterance, utterance.rev, utterance.decode_audio()))
+        self._wake.notify_all()
 
     def _transcribe(self, pcm: bytes) -> Transcript:
         if len(pcm) < self._min_audio:
