@@ -41,8 +41,8 @@ turn that ended too soon is still over (its answer is barged in on), but the new
 one hears the whole request — "What is the capital of" + "Peru?" — rather than
 a last half that makes no sense alone. Some words must come from the new audio
 alone: a rejoined final whose words ``read_alone`` picks (the listener's: words
-that end on a stop phrase, for "Where is the bus … stop?" must not end the
-conversation) is also transcribed without the words before it (``Final.alone``).
+that end on a stop phrase, for only the new audio may say stop, as before
+rejoining) is also transcribed without the words before it (``Final.alone``).
 """
 
 from __future__ import annotations
@@ -410,7 +410,7 @@ class Hearing:
                 self._forget(utterance)
         alone = bool(text) and utterance.own_from > 0 and self._read_alone is not None and self._read_alone(text)
         if alone:
-            with self._lock:  # (on the decode thread: this may be the audio thread)
+            with self._lock:  # (read on the decode thread: this may be the audio thread)
                 self._after.append(lambda: self._final_read_alone(utterance, rev, result, decode_s))
                 self._wake.notify_all()
         if not text:
