@@ -255,6 +255,24 @@ def test_a_guess_that_is_not_confirmed_is_never_heard(speaker, make_client, void
         assert not [e for e in _quiet(client, 1.5) if e.kind == "play.start"]
 
 
+def test_a_guess_dropped_while_its_audio_is_made_leaves_no_timing(speaker, make_client):
+    """bench_turn showed "first sentence → answer ready" at -970 ms: a guess revoked while its sentence was
+    being synthesized marked the turn's answer ready when that synthesis ended, after the drop."""
+    client = make_client("test", subscribe=("play.", "metrics.", "sys.ready"))
+    ready(client)
+    turn = new_turn_id()
+    long = ("This guess is wrong, and it is long enough to be still in the making when it is revoked, "
+            "with many words after the comma that take the voice a while to say and to synthesize.")
+    _prepared(client, turn, 1, [long])
+    time.sleep(0.15)  # its synthesis is under way
+    client.publish(AsrRevoke(rev=1), turn=turn)
+    time.sleep(1.5)  # and over
+    client.publish(LlmSentence(text="The right answer.", index=0), turn=turn)
+    client.publish(LlmDone(finish_reason="stop", sentences=1), turn=turn)
+    metrics = wait_for(client, lambda e: e.kind == "metrics.turn" and e.turn == turn, timeout=30)
+    assert "guess_ready" not in metrics.body.timings, metrics.body.timings
+
+
 def test_a_speaker_that_missed_the_confirmation_plays_when_the_thinker_resends(speaker, make_client):
     client = make_client("test", subscribe=("play.", "metrics.", "sys.ready"))
     ready(client)

@@ -525,7 +525,7 @@ class Speaker(Actor):
             if guess:
                 with self._lock:
                     state = self._turns.get(turn)
-                    if state is not None:
+                    if state is not None and state.guess == guess:  # (not one dropped while it was synthesized)
                         state.timings.setdefault("guess_ready", time.time())
 
     def _synthesize(self, turn: int, index: int, text: str, guess: int = 0) -> None:
