@@ -523,7 +523,7 @@ def run_voice(label: str, env_extra: dict[str, str], wav: Path, said: list[Utter
             body = env.body
             if env.kind == "vad.start":
                 rec["start_ms"] = body.offset_ms
-                rec["rejoins"] = bool(getattr(body, "rejoins", 0))
+                rec["rejoins"] = bool(body.rejoins)
             elif env.kind == "asr.guess":
                 rec["guesses"] += 1
             elif env.kind == "asr.revoke":

@@ -381,7 +381,8 @@ class Ear:
         ends: dict[int, tuple[int, float]] = {}
         rejoined: dict[int, int] = {}
         """utterance → the one it rejoins (vad.rejoin_ms): whose words its own transcript holds"""
-        by_utterance: dict[int, Heard] = {}
+        at: dict[int, int] = {}
+        """utterance → where its Heard is in ``out.heard``"""
         input_over = False
 
         def heard(event: object) -> None:
@@ -397,12 +398,11 @@ class Ear:
                 text = self.stops.asked(event.text, event.alone).strip() if isinstance(event, Final) else ""
                 result = Heard(text,
                                starts.get(event.utterance, 0), end_ms, vad_end_t, now, forced_end=input_over)
+                at[event.utterance] = len(out.heard)
                 out.heard.append(result)
-                by_utterance[event.utterance] = result
-                before = by_utterance.get(rejoined.get(event.utterance, 0))
+                before = at.get(rejoined.get(event.utterance, 0))
                 if isinstance(event, Final) and before is not None:
-                    at = next(i for i, h in enumerate(out.heard) if h is before)
-                    out.heard[at] = replace(before, rejoined=True)
+                    out.heard[before] = replace(out.heard[before], rejoined=True)
 
         hearing = Hearing(_Timed(self.recognizer, out), endpointer_for(vad), heard,
                           end_of_turn=EndOfTurn.from_settings(vad), rejoin_ms=vad.rejoin_ms,

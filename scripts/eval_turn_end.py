@@ -298,23 +298,26 @@ class Listener:
         transcript = self.recognizer.transcribe(clip.pcm())
         transcribe_ms = (time.perf_counter() - started) * 1000
         text = transcript.text.strip()  # as the listener's pause does
-        end_logprob = model_ms = None
-        if self.message_end is not None and self.end_of_turn.asks_the_model(text):
-            started = time.perf_counter()
-            end_logprob = self.message_end.logprob(text)
-            model_ms = (time.perf_counter() - started) * 1000
+        end_logprob, model_ms = self.weigh(text)
         return Heard(clip.voice, clip.sentence, clip.kind, clip.words, text, completeness(text),
                      transcript.confidence, end_logprob,
                      self.end_of_turn.window_ms(text, transcript.confidence),
                      self.end_of_turn.window_ms(text, transcript.confidence, end_logprob),
                      self.perfect_window(perfect_words(clip)), transcribe_ms, model_ms)
 
+    def weigh(self, words: str) -> tuple[float | None, float | None]:
+        """(the model's log-probability that a message ends with ``words``, ms it took), asked only where the
+        listener asks it (words that read complete); (None, None) elsewhere."""
+        if self.message_end is None or not self.end_of_turn.asks_the_model(words):
+            return None, None
+        started = time.perf_counter()
+        end_logprob = self.message_end.logprob(words)
+        return end_logprob, (time.perf_counter() - started) * 1000
+
     def perfect_window(self, words: str) -> int:
         """The window for ``words`` heard with full confidence, the model asked as the listener asks it."""
         if words not in self._perfect:
-            asked = self.message_end is not None and self.end_of_turn.asks_the_model(words)
-            end_logprob = self.message_end.logprob(words) if asked else None
-            self._perfect[words] = self.end_of_turn.window_ms(words, 1.0, end_logprob)
+            self._perfect[words] = self.end_of_turn.window_ms(words, 1.0, self.weigh(words)[0])
         return self._perfect[words]
 
     def close(self) -> None:

@@ -411,14 +411,15 @@ class Hearing:
         alone = bool(text) and utterance.own_from > 0 and self._read_alone is not None and self._read_alone(text)
         if alone:
             with self._lock:  # (read on the decode thread: this may be the audio thread)
-                self._after.append(lambda: self._final_read_alone(utterance, rev, result, decode_s))
+                self._after.append(lambda: self._final_read_alone(utterance, rev, text, result.confidence, decode_s))
                 self._wake.notify_all()
         if not text:
             self.emit(NoMatch(utterance.number, "no speech recognized", guess=rev))
         elif not alone:
             self.emit(Final(utterance.number, text, result.confidence, rev, decode_s))
 
-    def _final_read_alone(self, utterance: _Utterance, rev: int, result: Transcript, decode_s: float) -> None:
+    def _final_read_alone(self, utterance: _Utterance, rev: int, text: str, confidence: float | None,
+                          decode_s: float) -> None:
         """(decode thread) The final of a rejoining utterance, with its own audio's words (see ``read_alone``)."""
         started = time.perf_counter()
         try:
@@ -426,7 +427,7 @@ class Hearing:
         except Exception:  # noqa: BLE001  (whatever failed, the joined words stand: not read alone is not a stop)
             alone = ""
         decode_s += time.perf_counter() - started
-        self.emit(Final(utterance.number, result.text.strip(), result.confidence, rev, decode_s, alone=alone))
+        self.emit(Final(utterance.number, text, confidence, rev, decode_s, alone=alone))
 
     def _forget(self, utterance: _Utterance) -> None:
         """(with the lock held) Nothing was heard in this utterance (a cough, a door): nothing to go on from."""
